@@ -1,0 +1,26 @@
+"""The sparsely-gated Mixture-of-Experts layer (Shazeer et al., 2017), usable on its own.
+
+    from sparse_moe.moe import MoE, MoEConfig
+    moe = MoE(MoEConfig(d_model=512, d_hidden=1024, num_experts=64, k=4))
+    out = moe(x)        # out.y, out.aux_loss, out.importance, out.load, out.counts
+"""
+
+from sparse_moe.moe.config import MoEConfig
+from sparse_moe.moe.dispatcher import DispatchedTokens, LocalDispatcher, TokenDispatcher
+from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul
+from sparse_moe.moe.layer import HierarchicalMoE, MoE, MoEOutput
+from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
+                                   noisy_top_k, prob_in_top_k)
+
+
+def build_moe(config: MoEConfig, dispatcher: TokenDispatcher | None = None) -> MoE | HierarchicalMoE:
+    """The flat or hierarchical layer, whichever the config describes."""
+    return HierarchicalMoE(config, dispatcher) if config.hierarchical else MoE(config, dispatcher)
+
+
+__all__ = [
+    "MoEConfig", "MoE", "HierarchicalMoE", "MoEOutput", "build_moe", "TokenDispatcher",
+    "LocalDispatcher", "DispatchedTokens", "GroupedFFNExperts", "grouped_matmul",
+    "NoisyTopKRouter", "StrictlyBalancedRouter", "Routing", "cv_squared", "noisy_top_k",
+    "prob_in_top_k",
+]

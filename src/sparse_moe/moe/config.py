@@ -1,0 +1,113 @@
+"""Configuration of the sparsely-gated MoE layer (one dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+GATING_KINDS = ("noisy_topk", "topk", "strict_balanced")
+EXPERT_TYPES = ("ffn",)
+EXPERT_ACTIVATIONS = ("relu",)
+
+
+@dataclass
+class MoEConfig:
+    """Everything that defines one MoE layer.
+
+    Flat layers use ``num_experts`` experts and ``k`` per token. A hierarchical layer
+    (``num_groups > 0``) splits the same ``num_experts`` into ``num_groups`` groups of
+    ``num_experts // num_groups``; the primary gate picks ``k_primary`` groups and each
+    group's gate picks ``k`` of its experts, so a token uses ``k_primary * k`` experts.
+    """
+
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    k: int = 4
+    d_out: int | None = None
+    # Gating: "noisy_topk" (the paper's default), "topk" (no noise, no W_noise),
+    # "strict_balanced" (batch-wise mask in training, learned thresholds at inference).
+    gating: str = "noisy_topk"
+    noise_epsilon: float = 1e-2
+    w_importance: float = 0.1
+    w_load: float = 0.1
+    w_threshold: float = 1.0
+    cv_epsilon: float = 1e-10
+    # Experts: feed-forward networks with `expert_hidden_layers` ReLU hidden layers of d_hidden.
+    expert_type: str = "ffn"
+    expert_hidden_layers: int = 1
+    expert_activation: str = "relu"
+    expert_bias: bool = True
+    # The paper's language model applies a sigmoid to the MoE output.
+    output_sigmoid: bool = False
+    # Hierarchical MoE.
+    num_groups: int = 0
+    k_primary: int | None = None
+    # Raise on NaN/Inf inputs instead of letting them propagate (costs one reduction).
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_model
+        if self.k_primary is None and self.num_groups > 0:
+            self.k_primary = self.k
+        for name in ("d_model", "d_hidden", "num_experts", "d_out", "expert_hidden_layers"):
+            _require(getattr(self, name) >= 1, name, "a positive integer", getattr(self, name))
+        _require(self.gating in GATING_KINDS, "gating", f"one of {GATING_KINDS}", self.gating)
+        _require(self.expert_type in EXPERT_TYPES, "expert_type", f"one of {EXPERT_TYPES}",
+                 self.expert_type)
+        _require(self.expert_activation in EXPERT_ACTIVATIONS, "expert_activation",
+                 f"one of {EXPERT_ACTIVATIONS}", self.expert_activation)
+        for name in ("w_importance", "w_load", "w_threshold", "cv_epsilon"):
+            _require(getattr(self, name) >= 0, name, "a non-negative number", getattr(self, name))
+        _require(self.noise_epsilon > 0, "noise_epsilon", "a positive number", self.noise_epsilon)
+        _require(self.num_groups >= 0, "num_groups", "0 (flat) or a positive group count",
+                 self.num_groups)
+        if self.num_groups > 0:
+            self._validate_hierarchical()
+        else:
+            _require(1 <= self.k <= self.num_experts, "k",
+                     f"an integer in [1, num_experts={self.num_experts}]", self.k)
+
+    def _validate_hierarchical(self) -> None:
+        _require(self.num_experts % self.num_groups == 0, "num_experts",
+                 f"a multiple of num_groups={self.num_groups}", self.num_experts)
+        _require(self.gating != "strict_balanced", "gating",
+                 "noisy_topk or topk for a hierarchical layer", self.gating)
+        per_group = self.num_experts // self.num_groups
+        _require(1 <= self.k <= per_group, "k",
+                 f"an integer in [1, experts per group={per_group}]", self.k)
+        _require(1 <= self.k_primary <= self.num_groups, "k_primary",
+                 f"an integer in [1, num_groups={self.num_groups}]", self.k_primary)
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.num_groups > 0
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_groups if self.hierarchical else self.num_experts
+
+    @property
+    def noisy(self) -> bool:
+        return self.gating == "noisy_topk"
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts each token uses on average (exactly, except for strictly balanced gating)."""
+        return self.k * (self.k_primary if self.hierarchical else 1)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "MoEConfig") -> "MoEConfig":
+        """Builds a config from a mapping (YAML section), naming unknown keys clearly."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown MoE config field(s) {unknown}; "
+                             f"expected some of {sorted(known)}")
+        return cls(**dict(values))
+
+
+def _require(ok: bool, field: str, expected: str, found: Any) -> None:
+    if not ok:
+        raise ValueError(f"MoEConfig.{field}: expected {expected}, found {found!r}")

@@ -1,0 +1,98 @@
+"""Token dispatchers: move tokens to the experts that own them and bring the results back.
+
+The MoE layer talks only to this interface, so the math never changes whether the experts
+live in this process (``LocalDispatcher``) or across an expert-parallel process group
+(the distributed dispatcher in ``sparse_moe.parallel``). Modelled on Megatron-Core's split
+into router, token dispatcher and experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from sparse_moe.moe.router import Routing
+
+
+@dataclass
+class DispatchedTokens:
+    """What the experts of this process receive."""
+
+    tokens: Tensor  # [A_local, d] sorted by local expert
+    tokens_per_expert: Tensor  # [num_local_experts] int64
+    context: Any  # whatever the dispatcher needs to undo the permutation
+
+
+class TokenDispatcher(Protocol):
+    """The layer's view of parallelism.
+
+    ``dispatch`` returns the tokens for this process's experts, sorted by expert;
+    ``combine`` takes the experts' outputs in that same order and returns ``[T, d_out]`` in
+    the caller's token order, each token the gate-weighted sum of its experts' outputs.
+    ``reduce_statistics`` sums per-expert statistics over the data-parallel replicas (so the
+    balancing losses see the global batch); it must be differentiable.
+    """
+
+    num_local_experts: int
+
+    def dispatch(self, x: Tensor, routing: Routing, num_experts: int) -> DispatchedTokens: ...
+
+    def combine(self, expert_output: Tensor, routing: Routing, context: Any,
+                num_tokens: int) -> Tensor: ...
+
+    def reduce_statistics(self, values: Tensor) -> Tensor: ...
+
+
+@dataclass
+class _LocalContext:
+    token_of_sorted: Tensor  # [A] token index of each sorted row
+    order: Tensor  # [A] position in the routing of each sorted row
+
+
+class LocalDispatcher:
+    """All experts in this process: a sort by expert, a gather, and a weighted scatter back."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_local_experts = num_experts
+
+    def dispatch(self, x: Tensor, routing: Routing, num_experts: int) -> DispatchedTokens:
+        order, tokens_per_expert = sort_by_expert(routing.expert_idx, num_experts)
+        token_of_sorted = routing.token_idx.index_select(0, order)
+        tokens = x.index_select(0, token_of_sorted)
+        return DispatchedTokens(tokens, tokens_per_expert, _LocalContext(token_of_sorted, order))
+
+    def combine(self, expert_output: Tensor, routing: Routing, context: _LocalContext,
+                num_tokens: int) -> Tensor:
+        return weighted_unpermute(expert_output, routing, context.order, context.token_of_sorted,
+                                  num_tokens)
+
+    def reduce_statistics(self, values: Tensor) -> Tensor:
+        return values
+
+
+def sort_by_expert(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Stable permutation that groups assignments by expert, and the count per expert."""
+    order = torch.argsort(expert_idx, stable=True)
+    tokens_per_expert = torch.bincount(expert_idx, minlength=num_experts)
+    return order, tokens_per_expert
+
+
+def weighted_unpermute(expert_output: Tensor, routing: Routing, order: Tensor,
+                       token_of_sorted: Tensor, num_tokens: int) -> Tensor:
+    """Undoes the sort and sums each token's expert outputs weighted by its gates.
+
+    With a fixed number of experts per token the rows are put back in routing order (a
+    permutation, so no atomics) and summed per token: deterministic on every device.
+    Otherwise (strict balancing) the weighted rows are added with ``index_add``.
+    """
+    weight = routing.weight.index_select(0, order).to(expert_output.dtype)
+    weighted = expert_output * weight.unsqueeze(-1)
+    d_out = expert_output.shape[-1]
+    if routing.per_token is not None:
+        unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
+        return unsorted.view(num_tokens, routing.per_token, d_out).sum(dim=1)
+    out = weighted.new_zeros(num_tokens, d_out)
+    return out.index_add(0, token_of_sorted, weighted)

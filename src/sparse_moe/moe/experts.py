@@ -1,0 +1,79 @@
+"""Experts: feed-forward networks with stacked weights, run as grouped matrix products.
+
+Weights are stacked over experts (``[num_experts, d_in, d_out]``) so that one grouped GEMM
+runs every expert on its contiguous slice of the expert-sorted tokens, whatever the number
+of experts, and so that the stack shards cleanly across expert-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """``out[rows of group g] = x[rows of group g] @ weight[g]``.
+
+    ``x`` is ``[A, d_in]`` sorted by group, ``weight`` is ``[G, d_in, d_out]`` and
+    ``offsets`` the int32 cumulative row counts (``offsets[g]`` ends group g). PyTorch's
+    grouped GEMM (CUTLASS on Hopper, a C++ loop over groups elsewhere) does the work, with
+    its own autograd; empty groups are allowed and get zero gradient.
+    """
+    return F.grouped_mm(x, weight, offs=offsets)
+
+
+def group_offsets(tokens_per_group: Tensor) -> Tensor:
+    return torch.cumsum(tokens_per_group, dim=0, dtype=torch.int32)
+
+
+class GroupedFFNExperts(nn.Module):
+    """``num_experts`` independent ReLU networks ``d_in -> d_hidden (x layers) -> d_out``.
+
+    The paper's experts have one hidden layer (``hidden_layers=1``); MoE-1-Deep uses four.
+    Each expert is initialised like its own ``nn.Linear`` layers.
+    """
+
+    def __init__(self, num_experts: int, d_in: int, d_hidden: int, d_out: int,
+                 hidden_layers: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        dims = [d_in] + [d_hidden] * hidden_layers + [d_out]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, fan_in, fan_out))
+            for fan_in, fan_out in zip(dims[:-1], dims[1:]))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, fan_out)) for fan_out in dims[1:]
+        ) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for i, weight in enumerate(self.weights):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            if self.biases is not None:
+                nn.init.uniform_(self.biases[i], -bound, bound)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Runs expert e on its rows of ``x`` (``[A, d_in]``, sorted by expert).
+
+        ``tokens_per_expert`` (``[num_experts]``) gives the length of each expert's slice.
+        Parameters are cast to the input dtype, so a bf16 activation runs a bf16 GEMM.
+        """
+        offsets = group_offsets(tokens_per_expert.to(x.device))
+        row_expert = None
+        if self.biases is not None:
+            row_expert = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x.device), tokens_per_expert.to(x.device),
+                output_size=x.shape[0])
+        h = x
+        last = len(self.weights) - 1
+        for i, weight in enumerate(self.weights):
+            h = grouped_matmul(h, weight.to(h.dtype), offsets)
+            if row_expert is not None:
+                h = h + self.biases[i].to(h.dtype).index_select(0, row_expert)
+            if i < last:
+                h = F.relu(h)
+        return h
