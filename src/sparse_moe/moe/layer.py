@@ -19,7 +19,7 @@ from sparse_moe.moe.config import MoEConfig
 from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher
 from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul, group_offsets
 from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
-                                   noisy_top_k, per_expert_sum, top_k_routing)
+                                   gate_dtype, noisy_top_k, per_expert_sum, top_k_routing)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class MoE(_MoEBase):
             load = decision.load_prob.sum(dim=0)
         else:
             load = torch.bincount(routing.expert_idx, minlength=n).float()
-        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=torch.float32))
+        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)))
 
 
 class HierarchicalMoE(_MoEBase):
@@ -208,16 +208,17 @@ class HierarchicalMoE(_MoEBase):
 
         importance = per_expert_sum(routing.expert_idx, routing.weight, a * b)
         load = self._hierarchical_load(first, second, group, tokens_per_group, flat)
-        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=torch.float32))
+        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)))
 
     def _secondary_decision(self, flat: Tensor, token: Tensor, group: Tensor,
                             tokens_per_group: Tensor, noise: Tensor | None):
-        x_pairs = flat.float().index_select(0, token)
+        dtype = gate_dtype(flat)
+        x_pairs = flat.to(dtype).index_select(0, token)
         offsets = group_offsets(tokens_per_group)
-        clean = grouped_matmul(x_pairs, self.w_gate.float(), offsets)
+        clean = grouped_matmul(x_pairs, self.w_gate.to(dtype), offsets)
         raw_std = None
         if self.w_noise is not None and self.training:
-            raw_std = grouped_matmul(x_pairs, self.w_noise.float(), offsets)
+            raw_std = grouped_matmul(x_pairs, self.w_noise.to(dtype), offsets)
             if noise is not None:
                 noise = noise[token, group]
         return noisy_top_k(clean, raw_std, self.config.k, noise, self.config.noise_epsilon)
@@ -233,9 +234,8 @@ class HierarchicalMoE(_MoEBase):
         if second.load_prob is not None:
             secondary = second.load_prob
         else:
-            secondary = torch.zeros(group.shape[0], b, device=flat.device).scatter(
-                1, second.expert_idx, 1.0)
-        secondary_load = torch.zeros(a, b, device=flat.device).index_add(0, group, secondary)
+            secondary = second.gates.new_zeros(group.shape[0], b).scatter(1, second.expert_idx, 1.0)
+        secondary_load = secondary.new_zeros(a, b).index_add(0, group, secondary)
         group_size = tokens_per_group.float().clamp_min(1.0)
         return (primary_load.unsqueeze(1) * secondary_load / group_size.unsqueeze(1)).reshape(-1)
 

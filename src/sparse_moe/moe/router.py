@@ -4,7 +4,7 @@ The router decides, for every token, which experts it goes to and with which wei
 output is a flat list of (token, expert, weight) assignments, which is all a dispatcher needs,
 plus the per-expert statistics that the balancing losses are built from.
 
-All gating math runs in fp32 whatever the input dtype: top-k decisions on bf16 logits flip on
+All gating math runs in at least fp32 whatever the input dtype: top-k decisions on bf16 logits flip on
 rounding, and the normal CDF of the load estimator underflows in half precision.
 """
 
@@ -40,12 +40,17 @@ class GateDecision:
     load_prob: Tensor | None  # [N, n] P(x, i) of the smooth load estimator, None without noise
 
 
+def gate_dtype(x: Tensor) -> torch.dtype:
+    """Gating runs in fp32 for half-precision inputs and in the input's dtype otherwise."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def cv_squared(values: Tensor, eps: float) -> Tensor:
     """Squared coefficient of variation (variance / mean^2), the paper's balancing measure.
 
     Uses the population variance, and returns 0 for fewer than two values (nothing to balance).
     """
-    values = values.float().flatten()
+    values = values.to(gate_dtype(values)).flatten()
     if values.numel() < 2:
         return values.new_zeros(())
     return values.var(unbiased=False) / (values.mean() ** 2 + eps)
@@ -119,11 +124,12 @@ class NoisyTopKRouter(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts)) if noisy else None
 
     def decide(self, x: Tensor, noise: Tensor | None = None) -> GateDecision:
-        x32 = x.float()
-        clean = x32 @ self.w_gate.float()
+        dtype = gate_dtype(x)
+        xg = x.to(dtype)
+        clean = xg @ self.w_gate.to(dtype)
         raw_std = None
         if self.w_noise is not None and self.training:
-            raw_std = x32 @ self.w_noise.float()
+            raw_std = xg @ self.w_noise.to(dtype)
         return noisy_top_k(clean, raw_std, self.k, noise, self.noise_epsilon)
 
 
@@ -149,7 +155,8 @@ class StrictlyBalancedRouter(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Routing, Tensor]:
         """Returns the routing and the threshold loss (zero outside training)."""
-        probs = torch.softmax(x.float() @ self.w_gate.float(), dim=-1)
+        dtype = gate_dtype(x)
+        probs = torch.softmax(x.to(dtype) @ self.w_gate.to(dtype), dim=-1)
         num_tokens = probs.shape[0]
         threshold_mask = probs > self.threshold
         if self.training:
