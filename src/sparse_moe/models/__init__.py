@@ -1,0 +1,28 @@
+"""The paper's models: the MoE-LSTM language model, its dense baselines, the GNMT-style
+translation model, their budgets (ops per time step, parameters) and decoding."""
+
+from sparse_moe.models.budget import Budget, count_budget, preset_budget
+from sparse_moe.models.config import LayerConfig, LMConfig, TranslationConfig, load_model_config
+from sparse_moe.models.decoding import Hypothesis, beam_search, greedy_decode, sample_lm
+from sparse_moe.models.layers import ModelOutput
+from sparse_moe.models.lm import MoELSTMLanguageModel
+from sparse_moe.models.loss import LossParts, compose_loss, perplexity
+from sparse_moe.models.presets import (LM_PRESETS, PAPER_LM_TABLE, TRANSLATION_PRESETS, lm_preset,
+                                       translation_preset)
+from sparse_moe.models.translation import MoETranslationModel
+
+
+def build_model(config: LMConfig | TranslationConfig) -> MoELSTMLanguageModel | MoETranslationModel:
+    """The model a config describes."""
+    if isinstance(config, TranslationConfig):
+        return MoETranslationModel(config)
+    return MoELSTMLanguageModel(config)
+
+
+__all__ = [
+    "Budget", "count_budget", "preset_budget", "LayerConfig", "LMConfig", "TranslationConfig",
+    "load_model_config", "Hypothesis", "beam_search", "greedy_decode", "sample_lm",
+    "ModelOutput", "MoELSTMLanguageModel", "LossParts", "compose_loss", "perplexity",
+    "LM_PRESETS", "PAPER_LM_TABLE", "TRANSLATION_PRESETS", "lm_preset", "translation_preset",
+    "MoETranslationModel", "build_model",
+]

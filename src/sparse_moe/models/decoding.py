@@ -1,0 +1,160 @@
+"""Decoding: greedy and beam search for the translation model, sampling from the LM.
+
+All of them run the models' own ``decode``/``forward`` one step at a time with the recurrent
+state carried over, so a decoded step computes exactly what teacher forcing computes.
+Models are switched to eval mode by the caller (no dropout, no gating noise, inference
+thresholds for strictly balanced gating).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparse_moe.models.lm import MoELSTMLanguageModel
+from sparse_moe.models.translation import MoETranslationModel
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS, without EOS
+    score: float  # summed log-probability (EOS included when emitted)
+
+
+@torch.no_grad()
+def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[int]]:
+    """The most likely next token at every step, until EOS or ``max_len`` tokens."""
+    cfg = model.config
+    encoded = model.encode(src)
+    batch = src.shape[0]
+    prev = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    state = None
+    for _ in range(max_len):
+        step = model.decode(prev, encoded, state)
+        state = step.state
+        token = forbid_specials(step.logits[:, -1].float(), cfg.pad_id, cfg.bos_id).argmax(dim=-1)
+        for b in range(batch):
+            if not finished[b] and int(token[b]) != cfg.eos_id:
+                outputs[b].append(int(token[b]))
+        finished |= token == cfg.eos_id
+        if bool(finished.all()):
+            break
+        prev = token.masked_fill(finished, cfg.pad_id).unsqueeze(1)
+    return outputs
+
+
+def forbid_specials(scores: Tensor, pad_id: int, bos_id: int) -> Tensor:
+    """Scores with padding and BOS made impossible as outputs (not renormalised)."""
+    scores = scores.clone()
+    scores[..., [pad_id, bos_id]] = float("-inf")
+    return scores
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's length normalisation ``((5 + |Y|) / 6) ** alpha`` (1 when ``alpha`` is 0)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
+                alpha: float = 0.0) -> list[Hypothesis]:
+    """The best of ``beam_size`` beams per source sentence, GNMT length penalty ``alpha``.
+
+    Finished beams stay in the beam with their score frozen (they can only be extended by
+    padding at no cost), so with ``beam_size=1`` and ``alpha=0`` this is greedy decoding.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_search: expected beam_size >= 1, found {beam_size}")
+    cfg = model.config
+    device = src.device
+    batch, k = src.shape[0], beam_size
+    encoded = model.encode(src).repeat_beams(k)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical; keep one so the first step does not tie
+    tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+    prev = torch.full((batch * k, 1), cfg.bos_id, dtype=torch.long, device=device)
+    state = None
+    for _ in range(max_len):
+        step = model.decode(prev, encoded, state)
+        logp = torch.log_softmax(step.logits[:, -1].float(), dim=-1)
+        logp = forbid_specials(logp, cfg.pad_id, cfg.bos_id).view(batch, k, -1)
+        vocab = logp.shape[-1]
+        # A finished beam continues only with padding, at no cost.
+        frozen = torch.full_like(logp, float("-inf"))
+        frozen[..., cfg.pad_id] = 0.0
+        logp = torch.where(finished.unsqueeze(-1), frozen, logp)
+        candidates = (scores.unsqueeze(-1) + logp).view(batch, k * vocab)
+        scores, flat_idx = candidates.topk(k, dim=-1)
+        beam_idx, token = flat_idx // vocab, flat_idx % vocab
+        tokens = torch.cat([tokens.gather(1, beam_idx.unsqueeze(-1).expand_as(tokens)),
+                            token.unsqueeze(-1)], dim=-1)
+        was_finished = finished.gather(1, beam_idx)
+        lengths = lengths.gather(1, beam_idx) + (~was_finished).long()
+        finished = was_finished | (token == cfg.eos_id)
+        rows = (beam_idx + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1)
+        state = model.reorder_state(step.state, rows)
+        if bool(finished.all()):
+            break
+        prev = token.view(-1, 1)
+    return [_best(tokens[b], scores[b], lengths[b], finished[b], alpha, cfg.eos_id, cfg.pad_id)
+            for b in range(batch)]
+
+
+def _best(tokens: Tensor, scores: Tensor, lengths: Tensor, finished: Tensor, alpha: float,
+          eos_id: int, pad_id: int) -> Hypothesis:
+    normalised = [float(scores[i]) / length_penalty(int(lengths[i]), alpha)
+                  for i in range(tokens.shape[0])]
+    best = max(range(len(normalised)), key=lambda i: normalised[i])
+    out = []
+    for t in tokens[best].tolist():
+        if t in (eos_id, pad_id):
+            break
+        out.append(t)
+    return Hypothesis(out, float(scores[best]))
+
+
+@torch.no_grad()
+def sample_lm(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
+              temperature: float = 1.0, top_k: int | None = None,
+              generator: torch.Generator | None = None, eos_id: int | None = None) -> Tensor:
+    """Samples ``max_new_tokens`` tokens after ``prompt`` (``[B, T0]``); returns ``[B, T0 + n]``.
+
+    ``temperature`` 0 means greedy; ``top_k`` restricts sampling to the k likeliest tokens.
+    Sequences that emitted ``eos_id`` continue with ``eos_id``.
+    """
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"sample_lm: expected a prompt of shape [batch, time>=1], "
+                         f"found {tuple(prompt.shape)}")
+    if temperature < 0:
+        raise ValueError(f"sample_lm: expected temperature >= 0, found {temperature}")
+    out = model(prompt)
+    state, logits = out.state, out.logits[:, -1]
+    generated = [prompt]
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        token = _pick(logits.float(), temperature, top_k, generator)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        generated.append(token.unsqueeze(1))
+        out = model(token.unsqueeze(1), state)
+        state, logits = out.state, out.logits[:, -1]
+    return torch.cat(generated, dim=1)
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,148 @@
+"""Layers of the MoE-LSTM stacks: LSTM, MoE and dense FFN, each with dropout and a residual.
+
+Every layer maps ``[B, T, d_in] -> [B, T, d_out]``. The MoE is applied to all time steps of
+all sequences at once (the paper's "convolutional" application), optionally only to the
+positions a mask keeps (padding never reaches the experts nor the balancing statistics).
+Activation checkpointing wraps a whole layer: its activations are recomputed in the backward
+pass, with the RNG state (dropout, gating noise) restored so the recomputation is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sparse_moe.moe import MoEConfig, MoEOutput, build_moe
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+@dataclass
+class ModelOutput:
+    """What every model's forward returns.
+
+    ``aux_loss`` is the sum of the MoE layers' weighted balancing losses (add it to the
+    cross-entropy); ``moe_outputs`` are the per-layer results, so a trainer can log
+    importance, load and counts per layer; ``state`` is the recurrent state to carry on.
+    """
+
+    logits: Tensor
+    aux_loss: Tensor
+    moe_outputs: list[MoEOutput]
+    state: Any = None
+
+
+def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn(*args)``, under non-reentrant activation checkpointing when enabled and useful.
+
+    Non-reentrant checkpointing accepts any output structure (an ``MoEOutput``, LSTM states)
+    and restores the RNG state for the recomputation, so gradients are the same with and
+    without it.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return fn(*args)
+
+
+class LSTMLayer(nn.Module):
+    """An LSTM of ``hidden_size`` units (projected to ``proj_size`` when set), then dropout.
+
+    The residual connection is added when the output size equals the input size.
+    ``lengths`` packs the batch so padding never enters the recurrence (needed for the
+    backward direction of a bidirectional encoder layer).
+    """
+
+    def __init__(self, d_in: int, hidden_size: int, proj_size: int = 0, dropout: float = 0.0,
+                 residual: bool = True, bidirectional: bool = False) -> None:
+        super().__init__()
+        proj = proj_size if proj_size and proj_size != hidden_size else 0
+        self.lstm = nn.LSTM(d_in, hidden_size, proj_size=proj, batch_first=True,
+                            bidirectional=bidirectional)
+        self.d_out = (proj or hidden_size) * (2 if bidirectional else 1)
+        self.residual = residual and self.d_out == d_in
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, state: LSTMState | None = None,
+                lengths: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+        if lengths is None:
+            out, new_state = self.lstm(x, state)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                       enforce_sorted=False)
+            out, new_state = self.lstm(packed, state)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
+                                                      total_length=x.shape[1])
+        out = self.dropout(out)
+        if self.residual:
+            out = out + x
+        return out, new_state
+
+
+class MoELayer(nn.Module):
+    """The sparsely-gated MoE on every position of ``[B, T, d]``, then dropout and residual.
+
+    With a ``mask`` (``[B, T]`` bool), only the kept positions are routed; the others get a
+    zero MoE output (so just the residual).
+    """
+
+    def __init__(self, config: MoEConfig, dropout: float = 0.0, residual: bool = True) -> None:
+        super().__init__()
+        self.moe = build_moe(config)
+        self.d_out = config.d_out
+        self.residual = residual and config.d_out == config.d_model
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
+        if mask is None:
+            out = self.moe(x)
+            y = out.y
+        else:
+            out = self.moe(x[mask])
+            y = x.new_zeros(*x.shape[:-1], self.d_out).masked_scatter(mask.unsqueeze(-1), out.y)
+        y = self.dropout(y)
+        if self.residual:
+            y = y + x
+        return y, out
+
+
+class FFNLayer(nn.Module):
+    """A dense ReLU network ``d -> hidden (x hidden_layers) -> d``: MoE-1-Wide / MoE-1-Deep.
+
+    The paper's single-expert baselines are a MoE with one expert, whose gate is the constant
+    1; a dense layer is the same function without the routing work, so it is the honest
+    baseline for throughput. ``output_sigmoid`` mirrors the MoE's output sigmoid.
+    """
+
+    def __init__(self, d_model: int, hidden_size: int, hidden_layers: int = 1,
+                 output_sigmoid: bool = False, dropout: float = 0.0, residual: bool = True) -> None:
+        super().__init__()
+        dims = [d_model] + [hidden_size] * hidden_layers + [d_model]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.output_sigmoid = output_sigmoid
+        self.residual = residual
+        self.d_out = d_model
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for i, linear in enumerate(self.linears):
+            h = linear(h)
+            if i < len(self.linears) - 1:
+                h = F.relu(h)
+        if self.output_sigmoid:
+            h = torch.sigmoid(h)
+        h = self.dropout(h)
+        return h + x if self.residual else h
+
+
+def sum_aux_losses(outputs: list[MoEOutput], like: Tensor) -> Tensor:
+    """Sum of the layers' weighted balancing losses (a zero scalar when there is no MoE)."""
+    total = like.new_zeros((), dtype=torch.float32)
+    for out in outputs:
+        total = total + out.aux_loss.float()
+    return total

@@ -1,0 +1,122 @@
+"""The paper's model configurations (appendix C, Table 7) and tiny debug versions.
+
+Full-size language models use the 1B-word benchmark's 793,471-word vocabulary by default;
+pass ``vocab_size`` to match a tokenizer. The ``debug-*`` presets keep the same structure at
+a size that trains in seconds on a CPU (tests and the demo).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sparse_moe.models.config import LayerConfig, LMConfig, TranslationConfig
+
+LM1B_VOCAB = 793_471
+PAPER_D = 512
+PAPER_EXPERT_HIDDEN = 1024
+
+
+def _lstm(hidden: int, proj: int = 0) -> LayerConfig:
+    return LayerConfig(kind="lstm", hidden_size=hidden, proj_size=proj)
+
+
+def _moe(num_experts: int, d_hidden: int, k: int = 4, num_groups: int = 0,
+         **extra: Any) -> LayerConfig:
+    values: dict[str, Any] = {"d_hidden": d_hidden, "num_experts": num_experts, "k": k}
+    if num_groups:
+        values.update(num_groups=num_groups, k_primary=k)
+    values.update(extra)
+    return LayerConfig(kind="moe", moe=values)
+
+
+def _lstm_moe_lstm(moe: LayerConfig, d: int = PAPER_D) -> list[LayerConfig]:
+    return [_lstm(d), moe, _lstm(d)]
+
+
+def _lm(layers: list[LayerConfig], vocab_size: int | None, d: int = PAPER_D,
+        dropout: float = 0.1) -> LMConfig:
+    return LMConfig(vocab_size=vocab_size or LM1B_VOCAB, d_model=d, layers=layers,
+                    dropout=dropout)
+
+
+def _paper_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
+    return lambda vocab_size=None: _lm(layers(), vocab_size)
+
+
+D = PAPER_D
+H = PAPER_EXPERT_HIDDEN
+
+# name -> factory(vocab_size) -> LMConfig. Flat MoEs use k=4; hierarchical ones 16 groups
+# and k=2 at each level (4 experts per token), as in the paper.
+LM_PRESETS: dict[str, Callable[..., LMConfig]] = {
+    "4xlstm-512": _paper_lm(lambda: [_lstm(D) for _ in range(4)]),
+    "lstm-2048-512": _paper_lm(lambda: [_lstm(2048, D)]),
+    "moe-1-wide": _paper_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=4096, output_sigmoid=True))),
+    "moe-1-deep": _paper_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=H, hidden_layers=4, output_sigmoid=True))),
+    "moe-4": _paper_lm(lambda: _lstm_moe_lstm(_moe(4, H))),
+    "moe-32": _paper_lm(lambda: _lstm_moe_lstm(_moe(32, H))),
+    "moe-256": _paper_lm(lambda: _lstm_moe_lstm(_moe(256, H))),
+    "moe-256-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(256, H, k=2, num_groups=16))),
+    "moe-1024-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(1024, H, k=2, num_groups=16))),
+    "moe-4096-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(4096, H, k=2, num_groups=16))),
+}
+
+# Debug presets: d=32, experts 32 -> 64 -> 32, same structure.
+DEBUG_D, DEBUG_H = 32, 64
+
+
+def _debug_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
+    return lambda vocab_size=None: _lm(layers(), vocab_size or 256, d=DEBUG_D, dropout=0.0)
+
+
+LM_PRESETS.update({
+    "debug-moe": _debug_lm(lambda: _lstm_moe_lstm(_moe(8, DEBUG_H, k=2), DEBUG_D)),
+    "debug-moe-h": _debug_lm(lambda: _lstm_moe_lstm(_moe(16, DEBUG_H, k=2, num_groups=4),
+                                                    DEBUG_D)),
+    # Same ops per step as debug-moe (2 experts of 64 hidden = one layer of 128 hidden).
+    "debug-dense": _debug_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=2 * DEBUG_H, output_sigmoid=True), DEBUG_D)),
+    "debug-4xlstm": _debug_lm(lambda: [_lstm(DEBUG_D) for _ in range(4)]),
+})
+
+# The paper's compute-matched comparison (Table 7), in its order.
+PAPER_LM_TABLE = ("4xlstm-512", "lstm-2048-512", "moe-1-wide", "moe-1-deep", "moe-4", "moe-32",
+                  "moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")
+
+
+def lm_preset(name: str, vocab_size: int | None = None) -> LMConfig:
+    """The LMConfig of a named preset (``moe-256``, ``4xlstm-512``, ``debug-moe``...)."""
+    if name not in LM_PRESETS:
+        raise ValueError(f"lm_preset: unknown preset {name!r}; expected one of "
+                         f"{sorted(LM_PRESETS)}")
+    return LM_PRESETS[name](vocab_size)
+
+
+def _translation(num_experts: int, num_groups: int = 0, vocab_size: int = 32_000,
+                 **overrides: Any) -> TranslationConfig:
+    k = 2 if num_groups else 4
+    moe: dict[str, Any] = {"d_hidden": 2048, "num_experts": num_experts, "k": k}
+    if num_groups:
+        # Strict balancing is defined for flat layers; hierarchical ones use noisy top-k.
+        moe.update(num_groups=num_groups, k_primary=2, gating="noisy_topk")
+    values: dict[str, Any] = {"vocab_size": vocab_size, "moe": moe, **overrides}
+    return TranslationConfig(**values)
+
+
+TRANSLATION_PRESETS: dict[str, Callable[..., TranslationConfig]] = {
+    "gnmt-moe-32": lambda vocab_size=None: _translation(32, vocab_size=vocab_size or 32_000),
+    "gnmt-moe-2048-h": lambda vocab_size=None: _translation(2048, 32,
+                                                            vocab_size=vocab_size or 32_000),
+    "debug-translation": lambda vocab_size=None: TranslationConfig(
+        vocab_size=vocab_size or 64, d_model=32, hidden_size=64,
+        moe={"d_hidden": 64, "num_experts": 4, "k": 2}, dropout=0.0),
+}
+
+
+def translation_preset(name: str, vocab_size: int | None = None) -> TranslationConfig:
+    if name not in TRANSLATION_PRESETS:
+        raise ValueError(f"translation_preset: unknown preset {name!r}; expected one of "
+                         f"{sorted(TRANSLATION_PRESETS)}")
+    return TRANSLATION_PRESETS[name](vocab_size)

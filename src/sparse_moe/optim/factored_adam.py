@@ -1,0 +1,116 @@
+"""The paper's memory-saving Adam (appendix D): no first moment, factored second moment.
+
+For a weight matrix ``W`` (``[..., rows, cols]``; leading dimensions, such as the expert
+dimension of stacked expert weights ``[E, d_in, d_out]``, index independent matrices) the
+optimizer keeps running averages ``R`` of the row sums and ``C`` of the column sums of the
+squared gradient, and estimates the second moment as ``V = R C^T / sum(R)``. When the
+squared gradients are rank-1 (``G^2 = a b^T``) that estimate is exact, so on such gradients
+the update is Adam's. Memory per matrix is ``rows + cols`` numbers instead of
+``2 rows cols`` for Adam. Vectors and scalars keep Adam's ordinary second moment. With
+``beta1 = 0`` (the paper's setting) the update uses the current gradient directly.
+
+Note: DeepSpeed's ZeRO stages and its fp16/bf16 optimizer wrappers hand the client
+optimizer flat 1-D partitions instead of the parameters' shapes; there every tensor is a
+vector and the second moment is unfactored (correct, but without the memory saving).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class FactoredAdam(Optimizer):
+    """Adam with ``beta1 = 0`` (default) and a factored second moment for matrices.
+
+    Args:
+        lr: learning rate. betas: ``(beta1, beta2)``; ``beta1 > 0`` keeps a full first
+        moment (more memory) for experiments. eps: added to the root of the second moment.
+        weight_decay: decoupled (AdamW-style) decay, 0 in the paper. factored: False gives
+        the unfactored reference (Adam with the same betas).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, factored: bool = True) -> None:
+        if lr < 0:
+            raise ValueError(f"FactoredAdam: expected lr >= 0, found {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"FactoredAdam: expected betas in [0, 1), found {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"FactoredAdam: expected eps, weight_decay >= 0, found "
+                             f"{eps}, {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        factored=factored)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def is_factored(param: Tensor, group: dict[str, Any]) -> bool:
+        return bool(group["factored"]) and param.dim() >= 2
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FactoredAdam does not support sparse gradients")
+                self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        grad = p.grad.float()
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state, group)
+        state["step"] += 1
+        t = state["step"]
+        grad_sq = grad * grad
+        if self.is_factored(p, group):
+            state["row"].mul_(beta2).add_(grad_sq.sum(dim=-1), alpha=1 - beta2)
+            state["col"].mul_(beta2).add_(grad_sq.sum(dim=-2), alpha=1 - beta2)
+            second = factored_second_moment(state["row"], state["col"])
+        else:
+            state["exp_avg_sq"].mul_(beta2).add_(grad_sq, alpha=1 - beta2)
+            second = state["exp_avg_sq"]
+        denom = (second / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        if beta1 > 0:
+            state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            direction = state["exp_avg"] / (1 - beta1 ** t)
+        else:
+            direction = grad
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_((direction / denom).to(p.dtype), alpha=-group["lr"])
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = 0
+        if self.is_factored(p, group):
+            state["row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+            state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32,
+                                       device=p.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        if group["betas"][0] > 0:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+
+
+def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
+    """``row col^T / sum(row)`` per matrix: exact when the averaged squares are rank-1."""
+    total = row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+    return (row / total).unsqueeze(-1) * col.unsqueeze(-2)
+
+
+def optimizer_state_numel(optimizer: Optimizer) -> int:
+    """Numbers held in the optimizer's state tensors (for memory accounting)."""
+    return sum(v.numel() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, Tensor))

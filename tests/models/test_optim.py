@@ -1,0 +1,135 @@
+"""The paper's factored Adam and the warmup/hold/rsqrt schedule.
+
+References: torch.optim.Adam with beta1 = 0 (the unfactored optimizer the factored one must
+equal when squared gradients are rank-1), the memory formula rows + cols per matrix, and the
+schedule's closed form written out by hand.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_moe.models import MoELSTMLanguageModel, compose_loss, lm_preset
+from sparse_moe.optim import (FactoredAdam, OptimizerConfig, ScheduleConfig, build_optimizer,
+                              build_scheduler, factored_second_moment, optimizer_state_numel)
+
+
+def _rank1_grads(shape, steps, seed):
+    """Gradients s_t * u v^T (per leading index): their squares are rank-1 matrices."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(*shape[:-1], 1, generator=g, dtype=torch.float64)
+    v = torch.randn(*shape[:-2], 1, shape[-1], generator=g, dtype=torch.float64)
+    return [torch.randn((), generator=g, dtype=torch.float64) * 3 * u * v for _ in range(steps)]
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])  # a matrix and stacked experts
+def test_factored_equals_adam_on_rank1_squared_gradients(shape):
+    grads = _rank1_grads(shape, steps=6, seed=1)
+    start = torch.randn(shape, dtype=torch.float64)
+    ours = nn.Parameter(start.clone())
+    ref = nn.Parameter(start.clone())
+    opt = FactoredAdam([ours], lr=0.01, betas=(0.0, 0.9), eps=1e-8)
+    ref_opt = torch.optim.Adam([ref], lr=0.01, betas=(0.0, 0.9), eps=1e-8)
+    for grad in grads:
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert not torch.equal(ours.detach(), start)
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_factored_estimate_is_exact_for_rank1_and_approximate_otherwise():
+    a, b = torch.rand(6, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    square = torch.outer(a, b)
+    est = factored_second_moment(square.sum(-1), square.sum(-2))
+    torch.testing.assert_close(est, square)
+    full_rank = torch.rand(6, 4, dtype=torch.float64) + torch.eye(6, 4, dtype=torch.float64) * 5
+    est = factored_second_moment(full_rank.sum(-1), full_rank.sum(-2))
+    assert not torch.allclose(est, full_rank)
+    # Row and column sums of the estimate are those of the true second moment.
+    torch.testing.assert_close(est.sum(-1), full_rank.sum(-1))
+    torch.testing.assert_close(est.sum(-2), full_rank.sum(-2))
+
+
+def test_vectors_follow_adam_exactly():
+    start = torch.randn(9, dtype=torch.float64)
+    ours, ref = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt = FactoredAdam([ours], lr=0.05, betas=(0.0, 0.99))
+    ref_opt = torch.optim.Adam([ref], lr=0.05, betas=(0.0, 0.99))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        grad = torch.randn(9, generator=g, dtype=torch.float64)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach())
+
+
+def test_state_is_rows_plus_cols_per_matrix():
+    torch.manual_seed(0)
+    model = MoELSTMLanguageModel(lm_preset("debug-moe"))
+    opt = FactoredAdam(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 256, (2, 6))
+    compose_loss(model(tokens[:, :-1]), tokens[:, 1:]).total.backward()
+    opt.step()
+    expected = 0
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if p.dim() >= 2:
+            leading = math.prod(p.shape[:-2])
+            expected += leading * (p.shape[-2] + p.shape[-1])  # per expert matrix
+        else:
+            expected += p.numel()
+    assert optimizer_state_numel(opt) == expected
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    adam.step()
+    num_params = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    assert optimizer_state_numel(adam) - len(adam.state) == 2 * num_params  # + step scalars
+    assert optimizer_state_numel(opt) < 0.2 * num_params
+    # Stacked expert weights [E, d_in, d_out] keep one row and one column vector per expert.
+    w = model.moe_layers[0].moe.experts.weights[0]
+    assert opt.state[w]["row"].shape == w.shape[:-1]
+    assert opt.state[w]["col"].shape == (w.shape[0], w.shape[2])
+
+
+def test_factored_adam_trains_the_language_model():
+    torch.manual_seed(0)
+    model = MoELSTMLanguageModel(lm_preset("debug-moe", vocab_size=50))
+    opt = build_optimizer(model.parameters(), OptimizerConfig("factored_adam", lr=0.01))
+    assert isinstance(opt, FactoredAdam)
+    tokens = torch.randint(0, 50, (4, 13), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        parts = compose_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        parts.total.backward()
+        opt.step()
+        losses.append(float(parts.cross_entropy))
+    assert losses[0] > 3.5  # about ln(50) at the start
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_schedule_warmup_hold_rsqrt():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = build_scheduler(opt, ScheduleConfig(warmup_steps=4, hold_steps=3))
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [2.0 * n / 4 for n in range(1, 5)] + [2.0] * 3
+    expected += [2.0 * math.sqrt(7 / n) for n in range(8, 13)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_schedule_and_optimizer_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ScheduleConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="OptimizerConfig.name"):
+        OptimizerConfig(name="sgd")
+    with pytest.raises(ValueError, match="unknown OptimizerConfig field"):
+        OptimizerConfig.from_dict({"lr": 1.0, "momentum": 0.9})
