@@ -22,9 +22,14 @@ def _randomise_gates(module: torch.nn.Module, seed: int) -> None:
 
 
 def _experts(moe):
-    weights = [w for w in moe.experts.weights]
-    biases = [b for b in moe.experts.biases] if moe.experts.biases is not None else None
+    weights = list(moe.experts.weights)
+    biases = list(moe.experts.biases) if moe.experts.biases is not None else None
     return weights, biases
+
+
+def _expert_tensors(moe):
+    weights, biases = _experts(moe)
+    return [*weights, *(biases or [])]
 
 
 def _grads(tensors):
@@ -57,15 +62,15 @@ def _check_same(layer_fn, ref_fn, tensors):
 
 @pytest.mark.parametrize("n,k", [(4, 1), (4, 4), (8, 2), (16, 3), (16, 16)])
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("sigmoid", [False, True])
-def test_flat_matches_dense_reference(n, k, training, sigmoid):
+@pytest.mark.parametrize("sigmoid,bias", [(False, False), (True, True)])
+def test_flat_matches_dense_reference(n, k, training, sigmoid, bias):
     torch.manual_seed(n * 100 + k)
-    moe = MoE(MoEConfig(D, H, n, k=k, output_sigmoid=sigmoid)).train(training)
+    moe = MoE(MoEConfig(D, H, n, k=k, output_sigmoid=sigmoid, expert_bias=bias)).train(training)
     _randomise_gates(moe, seed=n + k)
     x = torch.randn(2, 15, D, requires_grad=True)
     noise = torch.randn(2, 15, n)
     weights, biases = _experts(moe)
-    tensors = [x, moe.router.w_gate, moe.router.w_noise, *weights, *biases]
+    tensors = [x, moe.router.w_gate, moe.router.w_noise, *_expert_tensors(moe)]
 
     def layer():
         out = moe(x, noise=noise)
@@ -85,14 +90,14 @@ def test_flat_matches_dense_reference(n, k, training, sigmoid):
 @pytest.mark.parametrize("training", [False, True])
 def test_hierarchical_matches_dense_reference(a, b, k1, k2, training):
     torch.manual_seed(a * 10 + b)
-    cfg = MoEConfig(D, H, a * b, k=k2, num_groups=a, k_primary=k1)
+    cfg = MoEConfig(D, H, a * b, k=k2, num_groups=a, k_primary=k1, expert_bias=training)
     moe = HierarchicalMoE(cfg).train(training)
     _randomise_gates(moe, seed=a * b)
     x = torch.randn(40, D, requires_grad=True)
     noise1, noise2 = torch.randn(40, a), torch.randn(40, a, b)
     weights, biases = _experts(moe)
-    tensors = [x, moe.primary.w_gate, moe.primary.w_noise, moe.w_gate, moe.w_noise, *weights,
-               *biases]
+    tensors = [x, moe.primary.w_gate, moe.primary.w_noise, moe.w_gate, moe.w_noise,
+               *_expert_tensors(moe)]
 
     def layer():
         out = moe(x, noise=(noise1, noise2))
@@ -112,13 +117,14 @@ def test_hierarchical_matches_dense_reference(a, b, k1, k2, training):
 @pytest.mark.parametrize("training", [False, True])
 def test_strictly_balanced_matches_reference(n, k, training):
     torch.manual_seed(7 * n + k)
-    moe = MoE(MoEConfig(D, H, n, k=k, gating="strict_balanced")).train(training)
+    moe = MoE(MoEConfig(D, H, n, k=k, gating="strict_balanced",
+                        expert_bias=training)).train(training)
     _randomise_gates(moe, seed=n)
     with torch.no_grad():
         moe.router.threshold.copy_(torch.rand(n) * 0.4)
     x = torch.randn(32, D, requires_grad=True)
     weights, biases = _experts(moe)
-    tensors = [x, moe.router.w_gate, moe.router.threshold, *weights, *biases]
+    tensors = [x, moe.router.w_gate, moe.router.threshold, *_expert_tensors(moe)]
 
     def layer():
         out = moe(x)
@@ -146,6 +152,7 @@ def test_plain_top_k_has_no_noise_and_no_noise_weights():
     x = torch.randn(30, D)
     torch.testing.assert_close(moe(x).y, moe(x).y, atol=0, rtol=0)
     y, _, _, _ = ref.flat_reference(x, moe.router.w_gate, None, None, *_experts(moe), 2)
+    assert moe.experts.biases is None  # off by default, as in the original implementation
     torch.testing.assert_close(moe(x).y, y, **TOL)
 
 

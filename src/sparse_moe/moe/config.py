@@ -37,7 +37,7 @@ class MoEConfig:
     expert_type: str = "ffn"
     expert_hidden_layers: int = 1
     expert_activation: str = "relu"
-    expert_bias: bool = True
+    expert_bias: bool = False
     # The paper's language model applies a sigmoid to the MoE output.
     output_sigmoid: bool = False
     # Hierarchical MoE.

@@ -74,8 +74,12 @@ class LocalDispatcher:
 
 
 def sort_by_expert(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Stable permutation that groups assignments by expert, and the count per expert."""
-    order = torch.argsort(expert_idx, stable=True)
+    """Stable permutation that groups assignments by expert, and the count per expert.
+
+    Sorts int32 keys: PyTorch's stable CPU sort of int64 keys with few distinct values is
+    two to three orders of magnitude slower (155 ms against 0.2 ms for 32k keys, 4 experts).
+    """
+    order = torch.argsort(expert_idx.to(torch.int32), stable=True)
     tokens_per_expert = torch.bincount(expert_idx, minlength=num_experts)
     return order, tokens_per_expert
 

@@ -55,11 +55,14 @@ class GroupedFFNExperts(nn.Module):
     """``num_experts`` independent ReLU networks ``d_in -> d_hidden (x layers) -> d_out``.
 
     The paper's experts have one hidden layer (``hidden_layers=1``); MoE-1-Deep uses four.
-    Each expert is initialised like its own ``nn.Linear`` layers.
+    Each expert is initialised like its own ``nn.Linear`` layers. Biases are off by default,
+    as in the original implementation's experts (tensor2tensor's ``ffn_expert_fn``): the
+    grouped GEMM cannot differentiate a per-group bias, so a bias costs a gather of
+    ``[tokens, d_hidden]`` and a scatter-add in backward.
     """
 
     def __init__(self, num_experts: int, d_in: int, d_hidden: int, d_out: int,
-                 hidden_layers: int = 1, bias: bool = True) -> None:
+                 hidden_layers: int = 1, bias: bool = False) -> None:
         super().__init__()
         self.num_experts = num_experts
         dims = [d_in] + [d_hidden] * hidden_layers + [d_out]
@@ -97,5 +100,5 @@ class GroupedFFNExperts(nn.Module):
             if row_expert is not None:
                 h = h + self.biases[i].to(h.dtype).index_select(0, row_expert)
             if i < last:
-                h = F.relu(h)
+                h = torch.relu_(h)  # h is a fresh GEMM output: no extra [A, d_hidden] buffer
         return h

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.moe.config import MoEConfig
-from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher
+from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher, sort_by_expert
 from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul, group_offsets
 from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
                                    gate_dtype, noisy_top_k, per_expert_sum, top_k_routing)
@@ -191,10 +191,9 @@ class HierarchicalMoE(_MoEBase):
         primary_noise, secondary_noise = noise if noise is not None else (None, None)
         first = self.primary.decide(flat, primary_noise)
         pairs = top_k_routing(first)  # (token, group, primary gate)
-        order = torch.argsort(pairs.expert_idx, stable=True)
+        order, tokens_per_group = sort_by_expert(pairs.expert_idx, a)
         token = pairs.token_idx.index_select(0, order)
         group = pairs.expert_idx.index_select(0, order)
-        tokens_per_group = torch.bincount(group, minlength=a)
         second = self._secondary_decision(flat, token, group, tokens_per_group, secondary_noise)
 
         k2 = cfg.k
@@ -202,7 +201,7 @@ class HierarchicalMoE(_MoEBase):
         weight = (pairs.weight.index_select(0, order).unsqueeze(1) * second.gates).reshape(-1)
         token_rep = token.repeat_interleave(k2)
         # Restore token-major order so each token's k_primary * k assignments are adjacent.
-        by_token = torch.argsort(token_rep, stable=True)
+        by_token = torch.argsort(token_rep.to(torch.int32), stable=True)
         routing = Routing(token_rep[by_token], expert[by_token], weight[by_token],
                           cfg.k_primary * k2)
 
