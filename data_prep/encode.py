@@ -15,6 +15,7 @@ shard renamed but not recorded), skips the documents already written and carries
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import re
@@ -78,18 +79,22 @@ def _init_pool_worker(tokenizer_path: str) -> None:
     _init_worker(tokenizer_path)
 
 
-def encode_sides(job: tuple[list[list[list[str]]], str, str]) -> list[tuple]:
-    """Encodes one chunk: for each side, a list of documents (lists of segments)."""
+def encode_sides(job: tuple[list[tuple[list[str], list[int] | None]], str, str]) -> list[tuple]:
+    """Encodes one chunk: for each side, (segments, segments per document or None)."""
     sides, eos_mode, dtype = job
-    tokenizer = _WORKER_TOKENIZER
-    return [encode_documents(tokenizer, docs, eos_mode, np.dtype(dtype)) for docs in sides]
+    return [encode_documents(_WORKER_TOKENIZER, segments, per_doc, eos_mode, np.dtype(dtype))
+            for segments, per_doc in sides]
 
 
-def encode_documents(tokenizer, docs: Sequence[Sequence[str]], eos_mode: str,
-                     dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat tokens, tokens per segment, segments per document for a list of documents."""
-    per_doc = np.fromiter(map(len, docs), np.int64, len(docs))
-    segments = [segment for doc in docs for segment in doc]
+def encode_documents(tokenizer, segments: Sequence[str], per_doc: Sequence[int] | None,
+                     eos_mode: str, dtype: np.dtype
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat tokens, tokens per segment, segments per document.
+
+    ``per_doc=None`` means one segment per document.
+    """
+    per_doc = (np.ones(len(segments), np.int64) if per_doc is None
+               else np.asarray(per_doc, dtype=np.int64))
     ids = tokenizer.encode_batch(segments)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum()))
@@ -157,6 +162,7 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
     identity = tokenizer.identity()
     if (directory / MANIFEST_NAME).exists():
         manifest = load_manifest(directory)
+        original = copy.deepcopy(manifest)
         recorded = manifest["tokenizer"]
         if recorded["sha256"] != identity["sha256"] or manifest["dtype"] != dtype.name:
             if not overwrite:
@@ -174,11 +180,12 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
             raise DataPrepError(f"{directory} holds shard files {stray[:3]} but no {MANIFEST_NAME}: "
                                 "another corpus? Choose another --output or pass --overwrite")
         manifest = _new_manifest(identity, dtype)
+        original = None
     done = []
     for split, settings in split_settings.items():
         entry = manifest["splits"].get(split)
-        if entry is not None and entry["settings"] != settings:
-            if not overwrite:
+        if entry is not None and (entry["settings"] != settings or overwrite):
+            if entry["settings"] != settings and not overwrite:
                 raise DataPrepError(
                     f"{directory}: split {split!r} was written with other settings "
                     f"({_settings_difference(entry['settings'], settings)}); pass --overwrite to "
@@ -198,7 +205,8 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
             for path in _split_files(directory, split):
                 if path.name not in keep:
                     path.unlink()
-    write_manifest(directory, manifest)
+    if manifest != original:
+        write_manifest(directory, manifest)
     return manifest, all(done)
 
 
@@ -239,16 +247,15 @@ def _settings_difference(old: dict, new: dict) -> str:
 # ---------------------------------------------------------------- the writing loop
 
 
-def _chunks(rows: Iterator[tuple[list[str], ...]], chunk_bytes: int) -> Iterator[list]:
-    """Groups rows (one document per side) into chunks of roughly ``chunk_bytes`` of text."""
-    chunk, size = [], 0
-    for row in rows:
-        chunk.append(row)
-        size += sum(len(s) for doc in row for s in doc)
-        if size >= chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
+def _skip_documents(chunks: Iterator[tuple], count: int) -> Iterator[tuple]:
+    """Drops the first ``count`` documents (already in finished shards) without encoding them."""
+    for chunk in chunks:
+        if count >= len(chunk[0]):
+            count -= len(chunk[0])
+            continue
+        if count:
+            chunk = tuple(side.drop_first(count) for side in chunk)
+            count = 0
         yield chunk
 
 
@@ -287,11 +294,11 @@ class EncodeSummary:
                                                  self.skipped_documents else ""))
 
 
-def write_splits(rows_factory: Callable[[], Iterator[tuple]], splits: list[str], options: EncodeOptions,
+def write_splits(chunks_factory: Callable[[], Iterator[tuple]], splits: list[str], options: EncodeOptions,
                  split_settings: dict, extra_manifest: Callable[[dict], None] | None = None,
                  progress_total: int | None = None,
                  progress_counter: Callable[[], int] | None = None) -> tuple[EncodeSummary, dict]:
-    """Encodes rows (a tuple of one document per split: 1 split, or 2 aligned sides) to shards."""
+    """Encodes chunks (a tuple of DocChunks, one per split: 1, or 2 aligned sides) to shards."""
     start_time = time.perf_counter()
     directory = Path(options.output)
     tokenizer = load_tokenizer(options.tokenizer)
@@ -306,9 +313,8 @@ def write_splits(rows_factory: Callable[[], Iterator[tuple]], splits: list[str],
     entries = [manifest["splits"][s] for s in splits]
     skip = sum(s["documents"] for s in entries[0]["shards"])
     summary.skipped_documents = skip
-    rows = itertools.islice(rows_factory(), skip, None)
-    jobs = ((list(zip(*chunk)), options.eos, dtype.name)
-            for chunk in _chunks(rows, options.chunk_bytes))
+    jobs = (([(side.segments, side.per_doc) for side in chunk], options.eos, dtype.name)
+            for chunk in _skip_documents(chunks_factory(), skip))
     engine = (_InProcess(options.tokenizer) if options.num_proc == 1
               else _Pool(options.tokenizer, options.num_proc))
     target = max(1, options.shard_bytes // dtype.itemsize)

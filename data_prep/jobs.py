@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .encode import EncodeOptions, EncodeSummary, write_splits
-from .sources import DataPrepError, ReadStats, SourceSpec, _decoded_lines, input_bytes, \
-    iter_documents
+from .sources import DataPrepError, DocChunk, ReadStats, SourceSpec, _decoded_lines, \
+    input_bytes, iter_chunks
 
 
 def _settings(options: EncodeOptions, source: dict) -> dict:
@@ -22,8 +22,8 @@ def encode_corpus(spec: SourceSpec, options: EncodeOptions,
     stats = ReadStats()
     source = spec.describe()
 
-    def rows() -> Iterator[tuple]:
-        return ((doc,) for doc in iter_documents(spec, stats))
+    def chunks() -> Iterator[tuple]:
+        return ((chunk,) for chunk in iter_chunks(spec, stats, options.chunk_bytes))
 
     def record(manifest: dict) -> None:
         entry = manifest["splits"][options.split]
@@ -32,7 +32,7 @@ def encode_corpus(spec: SourceSpec, options: EncodeOptions,
 
     total = input_bytes(spec) if spec.resolved_format() == "text" else None
     summary, manifest = write_splits(
-        rows, [options.split], options, {options.split: _settings(options, source)},
+        chunks, [options.split], options, {options.split: _settings(options, source)},
         extra_manifest=record, progress_total=total,
         progress_counter=(lambda: stats.bytes) if total is not None else None)
     if not summary.already_complete:
@@ -46,19 +46,27 @@ def _count_lines(path: Path, spec: SourceSpec) -> int:
     return sum(1 for _ in _decoded_lines(path, spec, ReadStats()))
 
 
-def _parallel_rows(src: Path | None, tgt: Path | None, tsv: Path | None, spec: SourceSpec,
-                   stats: ReadStats) -> Iterator[tuple]:
-    """(source, target) documents of one sentence each; pairs with a blank side are dropped."""
+def _parallel_chunks(src: Path | None, tgt: Path | None, tsv: Path | None, spec: SourceSpec,
+                     stats: ReadStats, chunk_bytes: int) -> Iterator[tuple]:
+    """(source, target) chunks of one-sentence documents; pairs with a blank side are dropped."""
     if tsv is not None:
-        pairs = ((_split_tsv(line, tsv, n)) for n, line in
+        pairs = (_split_tsv(line, tsv, n) for n, line in
                  enumerate(_decoded_lines(tsv, spec, stats), 1))
     else:
         pairs = zip(_decoded_lines(src, spec, stats), _decoded_lines(tgt, spec, ReadStats()))
+    left_side, right_side, size = [], [], 0
     for left, right in pairs:
         if not left.strip() or not right.strip():
             stats.blank_lines += 1
             continue
-        yield [left], [right]
+        left_side.append(left)
+        right_side.append(right)
+        size += len(left) + len(right)
+        if size >= chunk_bytes:
+            yield DocChunk(left_side), DocChunk(right_side)
+            left_side, right_side, size = [], [], 0
+    if left_side:
+        yield DocChunk(left_side), DocChunk(right_side)
 
 
 def _split_tsv(line: str, path: Path, number: int) -> tuple[str, str]:
@@ -106,7 +114,8 @@ def encode_parallel(options: EncodeOptions, spec: SourceSpec, source: str | None
 
     settings = {name: _settings(options, {**described, "side": name}) for name in splits}
     summary, manifest = write_splits(
-        lambda: _parallel_rows(src_path, tgt_path, tsv_path, spec, stats), splits, options,
+        lambda: _parallel_chunks(src_path, tgt_path, tsv_path, spec, stats, options.chunk_bytes),
+        splits, options,
         settings, extra_manifest=record)
     if not summary.already_complete:
         for name in splits:

@@ -105,6 +105,65 @@ class ReadStats:
         return out
 
 
+@dataclass
+class DocChunk:
+    """Consecutive documents in a compact form: their segments, and segments per document.
+
+    ``per_doc`` is None when every document is one segment (the common line-per-document
+    case), which keeps the reader's per-line work to a minimum.
+    """
+
+    segments: list[str]
+    per_doc: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.segments) if self.per_doc is None else len(self.per_doc)
+
+    def text_size(self) -> int:
+        return sum(map(len, self.segments))
+
+    def drop_first(self, documents: int) -> "DocChunk":
+        if self.per_doc is None:
+            return DocChunk(self.segments[documents:], None)
+        return DocChunk(self.segments[sum(self.per_doc[:documents]):], self.per_doc[documents:])
+
+
+def iter_chunks(spec: SourceSpec, stats: ReadStats, chunk_bytes: int = 1 << 20
+                ) -> Iterator[DocChunk]:
+    """Documents in input order, grouped into chunks of roughly ``chunk_bytes`` of text."""
+    if spec.resolved_format() == "text" and spec.doc_mode == "line":
+        for name in spec.inputs:
+            yield from _text_line_chunks(Path(name), spec, stats, chunk_bytes)
+        return
+    segments: list[str] = []
+    per_doc: list[int] = []
+    size = 0
+    for doc in iter_documents(spec, stats):
+        segments.extend(doc)
+        per_doc.append(len(doc))
+        size += sum(map(len, doc))
+        if size >= chunk_bytes:
+            yield DocChunk(segments, per_doc)
+            segments, per_doc, size = [], [], 0
+    if per_doc:
+        yield DocChunk(segments, per_doc)
+
+
+def _text_line_chunks(path: Path, spec: SourceSpec, stats: ReadStats, chunk_bytes: int
+                      ) -> Iterator[DocChunk]:
+    """The fast path: a document per non-blank line, a whole block of lines at a time."""
+    stats.files += 1
+    produced = False
+    for lines in _decoded_blocks(path, spec, stats, chunk_bytes):
+        segments = [line for line in lines if line.strip()]
+        stats.blank_lines += len(lines) - len(segments)
+        if segments:
+            produced = True
+            yield DocChunk(segments, None)
+    if not produced:
+        raise DataPrepError(f"input file {path} holds no text (only blank lines)")
+
+
 def iter_documents(spec: SourceSpec, stats: ReadStats) -> Iterator[list[str]]:
     """Documents in input order; each is a non-empty list of non-blank segments."""
     fmt = spec.resolved_format()
@@ -171,40 +230,39 @@ def _text_documents(path: Path, spec: SourceSpec, stats: ReadStats) -> Iterator[
 
 
 def _decoded_lines(path: Path, spec: SourceSpec, stats: ReadStats) -> Iterator[str]:
-    """Lines without their line ends (LF or CRLF), decoded under the configured policy.
+    """Lines without their line ends (LF or CRLF), decoded under the configured policy."""
+    for block in _decoded_blocks(path, spec, stats, 1 << 20):
+        yield from block
 
-    Chunks are decoded whole (fast); only a chunk that fails is decoded line by line to find,
+
+def _decoded_blocks(path: Path, spec: SourceSpec, stats: ReadStats, block_bytes: int
+                    ) -> Iterator[list[str]]:
+    """Blocks of lines without their line ends (LF or CRLF), decoded under the policy.
+
+    A block is decoded whole (fast); only a block that fails is decoded line by line to find,
     report and repair the bad lines.
     """
     line_number = 0
     with _open_binary(path) as handle:
-        while chunk := handle.readlines(1 << 20):
+        while chunk := handle.readlines(block_bytes):
             stats.bytes += sum(map(len, chunk))
             try:
-                text = b"".join(chunk).decode(spec.encoding)
-                lines = text.split("\n")
+                lines = b"".join(chunk).decode(spec.encoding).split("\n")
                 if lines[-1] == "":
                     lines.pop()
-                bad = False
             except UnicodeDecodeError:
-                bad = True
-            if bad:
                 lines = []
                 for offset, raw in enumerate(chunk):
                     decoded = _decode_line(raw, path, line_number + offset + 1, spec, stats)
                     if decoded is not None:
-                        lines.append(decoded.rstrip("\n"))
-                    else:
-                        lines.append(None)
-            for line in lines:
-                line_number += 1
-                if line is None:
-                    continue
-                stats.lines += 1
-                if line.endswith("\r"):
-                    stats.crlf_lines += 1
-                    line = line[:-1]
-                yield line
+                        lines.append(decoded[:-1] if decoded.endswith("\n") else decoded)
+            line_number += len(chunk)
+            stats.lines += len(lines)
+            if any(line.endswith("\r") for line in lines):
+                crlf = sum(1 for line in lines if line.endswith("\r"))
+                stats.crlf_lines += crlf
+                lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+            yield lines
 
 
 def _decode_line(raw: bytes, path: Path, line_number: int, spec: SourceSpec,
