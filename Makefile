@@ -15,7 +15,6 @@ install: $(STAMP)
 # isolation because DeepSpeed's source build imports torch; finally the project itself, editable.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet --no-build-isolation -r requirements.txt
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
