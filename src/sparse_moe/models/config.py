@@ -118,7 +118,7 @@ class TranslationConfig:
         "d_hidden": 2048, "num_experts": 32, "k": 4})
     dropout: float = 0.4
     bidirectional_first: bool = True
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     activation_checkpointing: bool = False
     pad_id: int = 0
     bos_id: int = 1

@@ -1,0 +1,34 @@
+"""configs/models/*.yaml load into the same configs as the presets they are named after."""
+
+from pathlib import Path
+
+import pytest
+
+from sparse_moe.models import (LM_PRESETS, TRANSLATION_PRESETS, LMConfig, build_model,
+                               lm_preset, load_model_config, translation_preset)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+@pytest.mark.parametrize("name", sorted(LM_PRESETS) + sorted(TRANSLATION_PRESETS))
+def test_yaml_equals_preset(name):
+    loaded = load_model_config(CONFIG_DIR / f"{name}.yaml")
+    preset = lm_preset(name) if name in LM_PRESETS else translation_preset(name)
+    assert loaded == preset
+
+
+def test_yaml_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: lm\nvocab_size: 10\nlayers: [{kind: lstm, hidden_size: 4}]\n"
+                   "dropuot: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown LMConfig field\(s\) \['dropuot'\]"):
+        load_model_config(bad)
+    bad.write_text("type: transformer\n")
+    with pytest.raises(ValueError, match="field 'type'"):
+        load_model_config(bad)
+
+
+def test_debug_yaml_builds_a_model():
+    config = load_model_config(CONFIG_DIR / "debug-moe.yaml")
+    assert isinstance(config, LMConfig)
+    assert len(build_model(config).moe_layers) == 1
