@@ -39,6 +39,9 @@ class MoEOutput:
     importance_loss: Tensor
     load_loss: Tensor
     threshold_loss: Tensor
+    # This process's assignments (token index into the flattened input, expert, gate weight):
+    # for analyses such as which experts the most frequent words go to.
+    routing: Routing | None = None
 
 
 @dataclass
@@ -47,6 +50,9 @@ class _GateResult:
     importance: Tensor
     load: Tensor
     threshold_loss: Tensor
+    # True when ``load`` was built from statistics already summed by the dispatcher
+    # (hierarchical load is a product of sums, so summing the products would be wrong).
+    load_reduced: bool = False
 
 
 class _MoEBase(nn.Module):
@@ -101,7 +107,7 @@ class _MoEBase(nn.Module):
     def _output(self, y: Tensor, gate: _GateResult) -> MoEOutput:
         cfg = self.config
         importance = self.dispatcher.reduce_statistics(gate.importance)
-        load = self.dispatcher.reduce_statistics(gate.load)
+        load = gate.load if gate.load_reduced else self.dispatcher.reduce_statistics(gate.load)
         counts = torch.bincount(gate.routing.expert_idx, minlength=cfg.num_experts)
         counts = self.dispatcher.reduce_statistics(counts)
         importance_loss = cfg.w_importance * cv_squared(importance, cfg.cv_epsilon)
@@ -109,7 +115,7 @@ class _MoEBase(nn.Module):
         threshold_loss = cfg.w_threshold * gate.threshold_loss
         aux = importance_loss + load_loss + threshold_loss
         return MoEOutput(y, aux, importance, load, counts, importance_loss, load_loss,
-                         threshold_loss)
+                         threshold_loss, gate.routing)
 
     def _flatten_noise(self, noise, num_tokens: int):
         raise NotImplementedError
@@ -207,7 +213,8 @@ class HierarchicalMoE(_MoEBase):
 
         importance = per_expert_sum(routing.expert_idx, routing.weight, a * b)
         load = self._hierarchical_load(first, second, group, tokens_per_group, flat)
-        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)))
+        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)),
+                           load_reduced=True)
 
     def _secondary_decision(self, flat: Tensor, token: Tensor, group: Tensor,
                             tokens_per_group: Tensor, noise: Tensor | None):
@@ -224,7 +231,11 @@ class HierarchicalMoE(_MoEBase):
 
     def _hierarchical_load(self, first, second, group: Tensor, tokens_per_group: Tensor,
                            flat: Tensor) -> Tensor:
-        """``Load_H[i, j] = Load_primary[i] * Load_i(X^(i))[j] / |X^(i)|`` (paper, appendix B)."""
+        """``Load_H[i, j] = Load_primary[i] * Load_i(X^(i))[j] / |X^(i)|`` (paper, appendix B).
+
+        The three factors are summed over the data-parallel replicas (``reduce_statistics``)
+        before they are combined, so the load is that of the global batch.
+        """
         a, b = self.config.num_groups, self.config.experts_per_group
         if first.load_prob is not None:
             primary_load = first.load_prob.sum(dim=0)
@@ -235,7 +246,9 @@ class HierarchicalMoE(_MoEBase):
         else:
             secondary = second.gates.new_zeros(group.shape[0], b).scatter(1, second.expert_idx, 1.0)
         secondary_load = secondary.new_zeros(a, b).index_add(0, group, secondary)
-        group_size = tokens_per_group.float().clamp_min(1.0)
+        reduce = self.dispatcher.reduce_statistics
+        primary_load, secondary_load = reduce(primary_load), reduce(secondary_load)
+        group_size = reduce(tokens_per_group.float()).clamp_min(1.0)
         return (primary_load.unsqueeze(1) * secondary_load / group_size.unsqueeze(1)).reshape(-1)
 
 
