@@ -1,0 +1,50 @@
+"""Configuration of expert parallelism (one dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass
+class ExpertParallelConfig:
+    """How an MoE layer is spread over processes.
+
+    ``ep_size`` ranks share one copy of the experts (each holds ``num_experts / ep_size``);
+    the world is split into ``world_size / ep_size`` such groups, and the replicas of an
+    expert across groups form its expert-data-parallel group. ``capacity_factor`` (None:
+    dropless) bounds the tokens each rank may send to one expert at
+    ``ceil(capacity_factor * assignments / num_experts)``; the excess is dropped and counted.
+    """
+
+    ep_size: int = 1
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    # Measure the wall time of every all-to-all (forward and backward); costs a sync each.
+    time_communication: bool = False
+    # DeepSpeed's alternative rank layout: consecutive ranks form expert-data-parallel groups.
+    use_data_before_expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.ep_size, int) and self.ep_size >= 1, "ep_size",
+                 "a positive integer", self.ep_size)
+        _require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+                 "None (dropless) or a positive number", self.capacity_factor)
+        _require(isinstance(self.min_capacity, int) and self.min_capacity >= 0, "min_capacity",
+                 "a non-negative integer", self.min_capacity)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any],
+                  source: str = "ExpertParallelConfig") -> "ExpertParallelConfig":
+        """Builds a config from a mapping (a YAML section), naming unknown keys clearly."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown expert-parallel config field(s) {unknown}; "
+                             f"expected some of {sorted(known)}")
+        return cls(**dict(values))
+
+
+def _require(ok: bool, field: str, expected: str, found: Any) -> None:
+    if not ok:
+        raise ValueError(f"ExpertParallelConfig.{field}: expected {expected}, found {found!r}")

@@ -1,0 +1,129 @@
+"""Makes the layer a first-class MoE for DeepSpeed's engine.
+
+DeepSpeed treats a parameter as an expert parameter when ``param.allreduce is False``; it
+then reduces its gradient over the expert-data-parallel group named by
+``param.group_name`` (dividing by the data-parallel world size, so the gradient scale does
+not depend on ``ep_size``), and ZeRO 1/2 keep such parameters in their own ``moe`` optimizer
+groups. Expert checkpoint files (one per global expert) are written only for modules that
+are instances of ``deepspeed.moe.layer.MoE``, and only for state-dict keys of the form
+``<layer>.deepspeed_moe.experts.deepspeed_experts.<local expert>.<name>``.
+
+``DeepSpeedExpertParallelMoE`` is therefore a thin subclass of DeepSpeed's ``MoE`` that
+holds our layer as ``deepspeed_moe`` and, in its state dict only, presents the stacked
+``[E_local, ...]`` expert tensors as one entry per local expert. The engine's own
+checkpointing then saves each rank's experts to per-expert files with global ids and loads
+them back (whatever ``ep_size`` the loader uses); the hooks restack them on load.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
+from torch import Tensor, nn
+
+from sparse_moe.moe import GroupedFFNExperts, MoEOutput
+from sparse_moe.parallel.groups import ExpertParallelGroups
+
+PER_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+STACKED_PREFIX = "deepspeed_moe.experts."
+_PER_EXPERT_KEY = re.compile(r"deepspeed_experts\.(\d+)\.(weights|biases)\.(\d+)$")
+
+
+def mark_expert_parameters(module: nn.Module, group_name: str) -> int:
+    """Marks every expert parameter of ``module`` the way ``deepspeed.moe.experts`` does.
+
+    Returns the number of parameters marked.
+    """
+    marked = 0
+    for sub in module.modules():
+        if isinstance(sub, GroupedFFNExperts):
+            for param in sub.parameters():
+                param.allreduce = False
+                param.group_name = group_name
+                marked += 1
+    return marked
+
+
+def moe_param_groups(model: nn.Module, **optimizer_options: Any) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with experts split out by DeepSpeed's own helper.
+
+    Pass the result to the optimizer (or as ``model_parameters`` to
+    ``deepspeed.initialize``); ZeRO 1/2 require expert parameters in ``moe`` groups.
+    """
+    group = {"params": [p for p in model.parameters() if p.requires_grad],
+             "name": "dense-params", **optimizer_options}
+    return split_params_into_different_moe_groups_for_optimizer(group)
+
+
+class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
+    """A sparse_moe layer (flat or hierarchical) that DeepSpeed's engine recognises as MoE.
+
+    ``DeepSpeedMoE.__init__`` is deliberately not called: it would build DeepSpeed's own
+    gate and experts. The attributes the engine reads (``num_experts``, ``ep_size``,
+    ``num_local_experts``, ``expert_group_name``) are set here instead.
+    """
+
+    def __init__(self, layer: nn.Module, groups: ExpertParallelGroups) -> None:
+        nn.Module.__init__(self)
+        if layer.experts.num_experts * groups.ep_size != layer.config.num_experts:
+            raise ValueError(f"DeepSpeedExpertParallelMoE: expected a layer sharded for "
+                             f"ep_size={groups.ep_size} ({layer.config.num_experts // groups.ep_size} "
+                             f"local experts), found {layer.experts.num_experts} local experts")
+        self.deepspeed_moe = layer
+        self.num_experts = layer.config.num_experts
+        self.ep_size = groups.ep_size
+        self.num_local_experts = layer.experts.num_experts
+        self.expert_group_name = groups.name
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        mark_expert_parameters(layer, groups.name)
+        self.register_state_dict_post_hook(_split_experts_hook)
+        self.register_load_state_dict_pre_hook(_stack_experts_hook)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """The engine calls this; the groups already exist (the layer was sharded for them)."""
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"DeepSpeedExpertParallelMoE: DeepSpeed has no process group "
+                               f"{self.expert_group_name!r}; create it with "
+                               "create_expert_parallel_groups before building the layer")
+
+    def forward(self, x: Tensor, noise: Any = None) -> MoEOutput:  # type: ignore[override]
+        return self.deepspeed_moe(x, noise)
+
+
+def _split_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
+                        local_metadata: Any) -> dict[str, Tensor]:
+    """``experts.weights.i`` [E_local, ...] -> ``experts.deepspeed_experts.e.weights.i``."""
+    for key in [k for k in state_dict if k.startswith(prefix + STACKED_PREFIX)]:
+        rest = key[len(prefix + STACKED_PREFIX):]
+        kind, _, index = rest.partition(".")
+        if kind not in ("weights", "biases") or not index.isdigit():
+            continue
+        stacked = state_dict.pop(key)
+        for expert in range(stacked.shape[0]):
+            state_dict[f"{prefix}{PER_EXPERT_PREFIX}{expert}.{rest}"] = stacked[expert]
+    return state_dict
+
+
+def _stack_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
+                        local_metadata: Any, strict: bool, missing_keys: list[str],
+                        unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    """Inverse of ``_split_experts_hook``; incomplete sets are left for strict loading to name."""
+    num_local = module.num_local_experts
+    found: dict[str, dict[int, str]] = {}
+    for key in [k for k in state_dict if k.startswith(prefix + PER_EXPERT_PREFIX)]:
+        match = _PER_EXPERT_KEY.search(key)
+        if match:
+            found.setdefault(f"{match.group(2)}.{match.group(3)}", {})[int(match.group(1))] = key
+    for rest, per_expert in found.items():
+        if sorted(per_expert) != list(range(num_local)):
+            error_msgs.append(f"{prefix}{STACKED_PREFIX}{rest}: expected local experts "
+                              f"0..{num_local - 1} in the checkpoint, found {sorted(per_expert)}")
+            continue
+        slices = [state_dict.pop(per_expert[e]) for e in range(num_local)]
+        state_dict[f"{prefix}{STACKED_PREFIX}{rest}"] = torch.stack(slices)

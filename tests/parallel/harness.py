@@ -1,0 +1,89 @@
+"""Runs a function on several CPU processes over gloo, failing (never hanging) on deadlock.
+
+Each rank runs ``worker(rank, world_size, *args)`` after ``deepspeed.init_distributed``
+with a short process-group timeout, and sends back either its return value or its
+traceback. If any rank is silent past ``timeout`` seconds every rank is killed and the
+call raises, naming the ranks that did not finish.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
+           results: Any, collective_timeout: float, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      DS_ACCELERATOR="cpu")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False,
+                                   timeout=timedelta(seconds=collective_timeout))
+        results.put((rank, "ok", worker(rank, world_size, *args)))
+    except BaseException:  # report everything, including collective timeouts
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
+                    timeout: float = 150.0, collective_timeout: float = 60.0) -> list[Any]:
+    """Returns every rank's result, in rank order; raises if a rank failed or hung."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, daemon=True,
+                         args=(worker, rank, world_size, port, results, collective_timeout, args))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    import time
+
+    deadline = time.monotonic() + timeout
+    done: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(done) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(done))
+                raise TimeoutError(f"ranks {missing} of {world_size} did not finish within "
+                                   f"{timeout:.0f}s (deadlock?); finished: {sorted(done)}")
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in done]
+                if dead and all(not procs[r].is_alive() for r in dead):
+                    # a rank died without reporting (e.g. killed); give the queue a moment
+                    try:
+                        rank, status, payload = results.get(timeout=2.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"ranks {dead} exited without a result "
+                                           f"(exit codes {[procs[r].exitcode for r in dead]})")
+                else:
+                    continue
+            done[rank] = (status, payload)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return [done[r][1] for r in range(world_size)]
