@@ -74,9 +74,30 @@ def _init_worker(tokenizer_path: str) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_path)
 
 
-def _init_pool_worker(tokenizer_path: str) -> None:
+def _init_pool_worker(tokenizer_path: str, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    _exit_with_parent(parent)
     _init_worker(tokenizer_path)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A killed encode must not leave workers behind (they would hold its pipes open)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() == parent:  # PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        pass
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def encode_sides(job: tuple[list[tuple[list[str], list[int] | None]], str, str]) -> list[tuple]:
@@ -124,7 +145,8 @@ class _Pool:
     def __init__(self, tokenizer_path: str, workers: int) -> None:
         self.workers = workers
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_pool_worker, initargs=(tokenizer_path,))
+                                        initializer=_init_pool_worker,
+                                        initargs=(tokenizer_path, os.getpid()))
 
     def map(self, jobs: Iterable) -> Iterator:
         window = []

@@ -61,7 +61,11 @@ class SourceSpec:
         files = []
         if fmt != "hub":
             for name in self.inputs:
+                if not Path(name).exists():
+                    raise DataPrepError(f"input {name} does not exist")
                 stat = Path(name).stat()
+                if Path(name).is_file() and stat.st_size == 0:
+                    raise DataPrepError(f"input file {name} is empty (0 bytes): nothing to encode")
                 files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size,
                               "mtime_ns": stat.st_mtime_ns})
         return {"format": fmt, "inputs": files if files else list(self.inputs),
