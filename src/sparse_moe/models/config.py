@@ -103,8 +103,9 @@ class TranslationConfig:
     first bidirectional), a MoE after encoder layer ``encoder_moe_after``. Decoder:
     ``decoder_layers`` LSTMs, a MoE after decoder layer ``decoder_moe_after``; the first
     decoder layer's output is the attention query, the context feeds every later layer and
-    the softmax. ``moe`` holds the MoEConfig fields; strictly balanced gating with balancing
-    weights 0.01 unless overridden. One shared vocabulary for source and target.
+    the softmax. ``moe`` holds the MoEConfig fields; unless overridden: strictly balanced
+    gating, balancing weights 0.01 and a sigmoid on the MoE output (paper, appendix E). One
+    shared vocabulary (and embedding) for source and target.
     """
 
     vocab_size: int
@@ -147,7 +148,8 @@ class TranslationConfig:
         self.moe_config()  # validate the MoE fields now, not at first use
 
     def moe_config(self) -> MoEConfig:
-        defaults = {"gating": "strict_balanced", "w_importance": 0.01, "w_load": 0.01}
+        defaults = {"gating": "strict_balanced", "w_importance": 0.01, "w_load": 0.01,
+                    "output_sigmoid": True}
         values = {**defaults, **dict(self.moe), "d_model": self.d_model}
         return MoEConfig.from_dict(values, source="TranslationConfig.moe")
 

@@ -39,8 +39,10 @@ def _lm(layers: list[LayerConfig], vocab_size: int | None, d: int = PAPER_D,
                     dropout=dropout)
 
 
-def _paper_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
-    return lambda vocab_size=None: _lm(layers(), vocab_size)
+def _paper_lm(layers: Callable[[], list[LayerConfig]],
+              dropout: float = 0.1) -> Callable[[int | None], LMConfig]:
+    """DropProb is 0.1 in Table 7 except for MoE-1024-h and MoE-4096-h (0.2)."""
+    return lambda vocab_size=None: _lm(layers(), vocab_size, dropout=dropout)
 
 
 D = PAPER_D
@@ -59,8 +61,8 @@ LM_PRESETS: dict[str, Callable[..., LMConfig]] = {
     "moe-32": _paper_lm(lambda: _lstm_moe_lstm(_moe(32, H))),
     "moe-256": _paper_lm(lambda: _lstm_moe_lstm(_moe(256, H))),
     "moe-256-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(256, H, k=2, num_groups=16))),
-    "moe-1024-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(1024, H, k=2, num_groups=16))),
-    "moe-4096-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(4096, H, k=2, num_groups=16))),
+    "moe-1024-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(1024, H, k=2, num_groups=16)), 0.2),
+    "moe-4096-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(4096, H, k=2, num_groups=16)), 0.2),
 }
 
 # Debug presets: d=32, experts 32 -> 64 -> 32, same structure.
