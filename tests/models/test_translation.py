@@ -20,7 +20,9 @@ def _model(seed=0, vocab=12, **overrides):
     model = MoETranslationModel(config)
     with torch.no_grad():  # spread the outputs so that decoding has real choices to make
         model.output.weight.mul_(30)
-        model.decoder_moe.moe.router.w_gate.normal_()
+        for name, param in model.decoder_moe.named_parameters():
+            if "w_gate" in name:
+                param.normal_()
     return model.eval()
 
 
@@ -44,8 +46,13 @@ def test_strict_balanced_moe_in_encoder_and_decoder():
     assert counts.tolist() == [real_src * 2 // 4] * 4
 
 
-def test_step_by_step_decoding_equals_teacher_forcing():
-    model = _model()
+HIERARCHICAL = {"d_hidden": 64, "num_experts": 8, "k": 2, "num_groups": 2,
+                "gating": "noisy_topk"}
+
+
+@pytest.mark.parametrize("moe", [None, HIERARCHICAL], ids=["strict", "hierarchical"])
+def test_step_by_step_decoding_equals_teacher_forcing(moe):
+    model = _model(**({"moe": moe} if moe else {}))
     src = _src()
     tgt = torch.cat([torch.full((3, 1), BOS), torch.randint(3, 12, (3, 5))], dim=1)
     full = model(src, tgt).logits

@@ -77,7 +77,8 @@ class LMConfig:
     pad_id: int | None = None
 
     def __post_init__(self) -> None:
-        self.layers = [_layer(layer, f"LMConfig.layers[{i}]") for i, layer in enumerate(self.layers)]
+        self.layers = [_layer(layer, f"LMConfig.layers[{i}]")
+                       for i, layer in enumerate(self.layers)]
         _require(self.vocab_size >= 2, "LMConfig.vocab_size", "an integer >= 2", self.vocab_size)
         _require(self.d_model >= 1, "LMConfig.d_model", "a positive integer", self.d_model)
         _require(len(self.layers) >= 1, "LMConfig.layers", "at least one layer", self.layers)
@@ -167,7 +168,8 @@ def load_model_config(path: str | Path) -> LMConfig | TranslationConfig:
     path = Path(path)
     values = yaml.safe_load(path.read_text())
     if not isinstance(values, Mapping):
-        raise ValueError(f"{path}: expected a mapping at the top level, found {type(values).__name__}")
+        raise ValueError(f"{path}: expected a mapping at the top level, "
+                         f"found {type(values).__name__}")
     values = dict(values)
     kind = values.pop("type", "lm")
     if kind == "lm":
