@@ -16,7 +16,7 @@ TOL = 1e-5
 PUSH = 60.0  # a noise offset that decides the top-k outright
 
 EP2_SCENARIOS = [
-    Scenario("flat", flat_config(), [5, 7]),
+    Scenario("flat", flat_config(expert_bias=True), [5, 7]),
     Scenario("hierarchical", hier_config(), [6, 5], seed=1),
     # Rank 0 routes everything to experts 2 and 3 (owned by rank 1); expert 1 gets nothing.
     Scenario("tokens_all_elsewhere", flat_config(), [4, 4], seed=2,
@@ -29,7 +29,7 @@ EP2_SCENARIOS = [
 ]
 
 WORLD4_SCENARIOS = [
-    Scenario("flat", flat_config(num_experts=8), [3, 4, 2, 5], seed=10),
+    Scenario("flat", flat_config(num_experts=8, expert_bias=True), [3, 4, 2, 5], seed=10),
     Scenario("hierarchical", hier_config(), [4, 3, 5, 2], seed=11),
     Scenario("empty_and_idle", flat_config(num_experts=8, k=1), [0, 4, 3, 3], seed=12,
              force=[(None, 7, PUSH)]),

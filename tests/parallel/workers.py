@@ -181,8 +181,8 @@ def capacity_worker(rank: int, world: int, ep_size: int, capacity_factor: float
     Rule: each rank sends an expert at most ``ceil(cf * assignments / E)`` rows, the
     earliest tokens of its own batch first; a dropped (token, expert) contributes nothing.
     """
-    cfg = MoEConfig(**flat_config())
-    rows_per_rank = [6, 10][:world] if world == 2 else [6] * world
+    cfg = MoEConfig(**flat_config(expert_bias=True))
+    rows_per_rank = [6, 10] if world == 2 else [6] * world
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     layer = build_moe(cfg)
@@ -211,7 +211,7 @@ def _dense_capacity_reference(reference, x, noise, rows_per_rank, capacity_facto
     weights = [w.detach() for w in reference.experts.weights]
     biases = [b.detach() for b in reference.experts.biases]
 
-    def expert(e: int, v: torch.Tensor) -> torch.Tensor:
+    def expert(e: int, v: torch.Tensor) -> torch.Tensor:  # written out densely, one expert
         h = torch.relu(v @ weights[0][e] + biases[0][e])
         return h @ weights[1][e] + biases[1][e]
 

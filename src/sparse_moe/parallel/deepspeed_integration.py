@@ -97,7 +97,7 @@ class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
 
 
 def _split_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
-                        local_metadata: Any) -> dict[str, Tensor]:
+                        local_metadata: Any) -> None:
     """``experts.weights.i`` [E_local, ...] -> ``experts.deepspeed_experts.e.weights.i``."""
     for key in [k for k in state_dict if k.startswith(prefix + STACKED_PREFIX)]:
         rest = key[len(prefix + STACKED_PREFIX):]
@@ -107,7 +107,6 @@ def _split_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix
         stacked = state_dict.pop(key)
         for expert in range(stacked.shape[0]):
             state_dict[f"{prefix}{PER_EXPERT_PREFIX}{expert}.{rest}"] = stacked[expert]
-    return state_dict
 
 
 def _stack_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
