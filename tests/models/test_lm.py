@@ -74,11 +74,16 @@ def test_state_carries_over_between_chunks():
 def test_mask_keeps_padding_out_of_the_experts():
     torch.manual_seed(2)
     model = MoELSTMLanguageModel(lm_preset("debug-moe", vocab_size=30)).eval()
-    tokens = torch.randint(0, 30, (2, 6))
+    tokens = torch.randint(0, 29, (2, 6))  # 29 is kept for padding
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     out = model(tokens, mask=mask)
     assert int(out.moe_outputs[0].counts.sum()) == 10 * 2  # 10 real tokens, k=2
     full = model(tokens)
+    model.config.pad_id = 29
+    tokens[0, 4:] = 29
+    by_pad = model(tokens)
+    assert int(by_pad.moe_outputs[0].counts.sum()) == 10 * 2
+    torch.testing.assert_close(by_pad.logits[0, :4], full.logits[0, :4])
     # Positions before the padding see exactly what they see without a mask.
     torch.testing.assert_close(out.logits[0, :4], full.logits[0, :4])
     torch.testing.assert_close(out.logits[1], full.logits[1])

@@ -36,7 +36,9 @@ def init_embedding_and_softmax(embedding: nn.Embedding, output: nn.Linear) -> No
 class MoELSTMLanguageModel(nn.Module):
     """A stack of LSTM, MoE and FFN layers between an embedding and a softmax.
 
-    ``forward(tokens, state=None, mask=None)`` takes ``[B, T]`` token ids and returns a
+    ``forward(tokens, state=None, mask=None)`` takes ``[B, T]`` token ids (and optionally a
+    ``[B, T]`` bool mask of real tokens; by default ``tokens != pad_id`` when the config
+    names a ``pad_id``, else every position counts) and returns a
     ``ModelOutput`` with ``[B, T, vocab]`` logits, the summed balancing loss, the per-layer
     ``MoEOutput`` list and the new recurrent state (one ``(h, c)`` per LSTM layer, ``None``
     for other layers), so text can be generated one step at a time.
@@ -82,6 +84,8 @@ class MoELSTMLanguageModel(nn.Module):
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"MoELSTMLanguageModel state: expected {len(self.layers)} entries "
                              f"(one per layer), found {len(state)}")
+        if mask is None and self.config.pad_id is not None:
+            mask = tokens != self.config.pad_id
         checkpointing = self.config.activation_checkpointing and self.training
         h = self.embedding_dropout(self.embedding(tokens))
         new_state: list[Any] = []
