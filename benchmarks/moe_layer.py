@@ -106,7 +106,7 @@ class NaiveLoopMoE:
                 continue
             h = torch.relu(x[token] @ weights[0][e] + biases[0][e])
             out = h @ weights[1][e] + biases[1][e]
-            y = y.index_add(0, token, out * decision.gates[token, slot].unsqueeze(1).to(x.dtype))
+            y.index_add_(0, token, out * decision.gates[token, slot].unsqueeze(1).to(x.dtype))
         return y
 
 

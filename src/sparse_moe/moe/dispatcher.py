@@ -76,12 +76,19 @@ class LocalDispatcher:
 def sort_by_expert(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """Stable permutation that groups assignments by expert, and the count per expert.
 
-    Sorts int32 keys: PyTorch's stable CPU sort of int64 keys with few distinct values is
-    two to three orders of magnitude slower (155 ms against 0.2 ms for 32k keys, 4 experts).
+    Sorts the unique keys ``expert * A + position`` with the ordinary sort, which gives the
+    stable order: PyTorch's parallel stable CPU sort collapses when the other cores are busy
+    (60-180 ms against 0.4 ms for 32k keys on a loaded 2-core machine).
     """
-    order = torch.argsort(expert_idx.to(torch.int32), stable=True)
+    order = stable_argsort(expert_idx)
     tokens_per_expert = torch.bincount(expert_idx, minlength=num_experts)
     return order, tokens_per_expert
+
+
+def stable_argsort(keys: Tensor) -> Tensor:
+    """``argsort(keys, stable=True)`` for non-negative integer keys, via unique int64 keys."""
+    positions = torch.arange(keys.numel(), device=keys.device)
+    return torch.sort(keys.long() * keys.numel() + positions).indices
 
 
 def weighted_unpermute(expert_output: Tensor, routing: Routing, order: Tensor,

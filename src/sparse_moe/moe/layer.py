@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.moe.config import MoEConfig
-from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher, sort_by_expert
+from sparse_moe.moe.dispatcher import (LocalDispatcher, TokenDispatcher, sort_by_expert,
+                                       stable_argsort)
 from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul, group_offsets
 from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
                                    gate_dtype, noisy_top_k, per_expert_sum, top_k_routing)
@@ -207,7 +208,7 @@ class HierarchicalMoE(_MoEBase):
         weight = (pairs.weight.index_select(0, order).unsqueeze(1) * second.gates).reshape(-1)
         token_rep = token.repeat_interleave(k2)
         # Restore token-major order so each token's k_primary * k assignments are adjacent.
-        by_token = torch.argsort(token_rep.to(torch.int32), stable=True)
+        by_token = stable_argsort(token_rep)
         routing = Routing(token_rep[by_token], expert[by_token], weight[by_token],
                           cfg.k_primary * k2)
 
