@@ -67,6 +67,21 @@ def test_vectors_follow_adam_exactly():
     torch.testing.assert_close(ours.detach(), ref.detach())
 
 
+def test_unfactored_with_momentum_and_decay_is_adamw():
+    """factored=False, beta1 > 0 and decoupled decay: torch's AdamW, step for step."""
+    start = torch.randn(4, 5, dtype=torch.float64)
+    ours, ref = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt = FactoredAdam([ours], lr=0.03, betas=(0.9, 0.99), weight_decay=0.1, factored=False)
+    ref_opt = torch.optim.AdamW([ref], lr=0.03, betas=(0.9, 0.99), weight_decay=0.1)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        grad = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach())
+
+
 def test_state_is_rows_plus_cols_per_matrix():
     torch.manual_seed(0)
     model = MoELSTMLanguageModel(lm_preset("debug-moe"))
