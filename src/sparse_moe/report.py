@@ -1,0 +1,151 @@
+"""Plots and tables from run directories (``sparse-moe-report``).
+
+    sparse-moe-report runs/moe runs/dense --out runs/report
+
+writes ``learning_curves.png`` (training cross-entropy of every run, validation perplexity
+points), ``expert_load_<run>_moe<i>.png`` (each expert's share of the tokens over training,
+as a heatmap) and ``specialisation_<run>.md`` (which experts the most frequent tokens go to,
+the counterpart of the paper's Table 9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_csv_metric(run_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of one metric written by DeepSpeed's CSV monitor (last value per step).
+
+    The monitor writes a header each time a process starts (a resumed run has several).
+    """
+    path = run_dir / "metrics" / f"{name}.csv"
+    if not path.exists():
+        return np.array([]), np.array([])
+    values: dict[int, float] = {}
+    for row in path.read_text().splitlines():
+        if not row or row.startswith("step,"):
+            continue
+        step, value = row.split(",")
+        values[int(step)] = float(value)
+    steps = np.array(sorted(values))
+    return steps, np.array([values[s] for s in steps])
+
+
+def plot_learning_curves(run_dirs: list[Path], out: Path) -> Path:
+    fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_dir in run_dirs:
+        steps, ce = read_csv_metric(run_dir, "train_cross_entropy")
+        if len(steps):
+            train_ax.plot(steps, ce, label=run_dir.name)
+        steps, ppl = read_csv_metric(run_dir, "valid_perplexity")
+        if len(steps):
+            valid_ax.plot(steps, ppl, marker="o", label=run_dir.name)
+    train_ax.set(xlabel="step", ylabel="training cross-entropy (nats/token)", title="training")
+    valid_ax.set(xlabel="step", ylabel="perplexity", title="validation", yscale="log")
+    for ax in (train_ax, valid_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def read_expert_load(run_dir: Path) -> tuple[list[int], list[np.ndarray]]:
+    """Steps and, per MoE layer, a [steps, experts] array of token counts."""
+    path = run_dir / "expert_load.jsonl"
+    if not path.exists():
+        return [], []
+    by_step: dict[int, list[list[float]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record["layers"]
+    steps = sorted(by_step)
+    if not steps:
+        return [], []
+    layers = [np.array([by_step[s][i] for s in steps]) for i in range(len(by_step[steps[0]]))]
+    return steps, layers
+
+
+def plot_expert_load(run_dir: Path, out: Path) -> list[Path]:
+    steps, layers = read_expert_load(run_dir)
+    paths = []
+    for i, counts in enumerate(layers):
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        image = ax.imshow(share.T, aspect="auto", origin="lower", cmap="viridis",
+                          extent=(steps[0], steps[-1], -0.5, counts.shape[1] - 0.5))
+        fig.colorbar(image, ax=ax, label="share of assignments")
+        cv = counts.std(axis=1) / np.maximum(counts.mean(axis=1), 1e-9)
+        ax.set(xlabel="step", ylabel="expert",
+               title=f"{run_dir.name}: MoE layer {i} load (final CV {cv[-1]:.2f})")
+        fig.tight_layout()
+        path = out / f"expert_load_{run_dir.name}_moe{i}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_specialisation(run_dir: Path, out: Path) -> Path | None:
+    path = run_dir / "specialisation.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    lines = [f"# Expert specialisation: {run_dir.name}, MoE layer {data['layer']}, "
+             f"split {data['split']}", "",
+             "| token | assignments | top experts (share) |", "|---|---|---|"]
+    for row in data["tokens"]:
+        experts = ", ".join(f"{e} ({share:.0%})" for e, share in row["experts"])
+        token = row["token"].replace("|", "\\|") or "(empty)"
+        lines.append(f"| `{token}` | {row['assignments']:.0f} | {experts} |")
+    target = out / f"specialisation_{run_dir.name}.md"
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def make_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    missing = [str(d) for d in run_dirs if not (d / "metrics").is_dir()]
+    if missing:
+        raise FileNotFoundError(f"not a run directory (no metrics/ written by training): "
+                                f"{', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_learning_curves(run_dirs, out)]
+    for run_dir in run_dirs:
+        paths.extend(plot_expert_load(run_dir, out))
+        table = write_specialisation(run_dir, out)
+        if table:
+            paths.append(table)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparse-moe-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: <first run>/report)")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_report(args.runs, args.out or args.runs[0] / "report")
+    except FileNotFoundError as err:
+        print(f"sparse-moe-report: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The training run's configuration: one dataclass per component, one YAML section each.
+
+    run:       run directory, seed, steps, logging/eval/checkpoint intervals, resume
+    model:     a preset name plus LMConfig field overrides
+    data:      corpus directory, tokenizer, micro-batch size, sequence length
+    optimizer: sparse_moe.optim.OptimizerConfig
+    schedule:  sparse_moe.optim.ScheduleConfig (warmup / hold / inverse square root)
+    parallel:  sparse_moe.parallel.ExpertParallelConfig (ep_size, capacity factor...)
+    deepspeed: the DeepSpeed JSON to start from and the fields the trainer sets in it
+    tracking:  wandb (through DeepSpeed's monitor) and the CSV monitor
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from sparse_moe.optim import OptimizerConfig, ScheduleConfig
+from sparse_moe.parallel.config import ExpertParallelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 1234
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batches: int = 0  # per split and rank; 0: the whole split
+    save_every: int = 0  # 0: save at the end only
+    keep_last: int = 2
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "keep_last"):
+            _positive(self, name)
+        for name in ("eval_every", "eval_batches", "save_every"):
+            _non_negative(self, name)
+
+
+@dataclass
+class ModelSection:
+    preset: str = "debug-moe"
+    overrides: dict[str, Any] = field(default_factory=dict)  # LMConfig fields
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    corpus: str = ""
+    tokenizer: str | None = None
+    micro_batch_size: int = 8
+    seq_len: int = 32
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ConfigError("data.corpus: expected the directory of a corpus written by "
+                              "data_prep (with manifest.json), found nothing")
+        _positive(self, "micro_batch_size")
+        _positive(self, "seq_len")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/cpu_fp32.json"
+    gradient_accumulation_steps: int = 1
+    train_batch_size: int | None = None  # checked against micro x accumulation x data-parallel
+    gradient_clipping: float | None = None  # overrides the JSON when set
+    precision: str | None = None  # overrides the JSON's bf16/fp16 sections when set
+    zero_stage: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "gradient_accumulation_steps")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"deepspeed.precision: expected one of {PRECISIONS}, "
+                              f"found {self.precision!r}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"deepspeed.zero_stage: expected 0, 1 or 2, found {self.zero_stage!r}")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"
+    project: str = "sparse-moe"
+    group: str | None = None  # default: the Slurm job id, if any
+    csv: bool = True
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"tracking.wandb_mode: expected one of {WANDB_MODES}, "
+                              f"found {self.wandb_mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The run's config from a YAML file (or none) and ``section.field=value`` overrides."""
+    values = load_yaml(path) if path else {}
+    values = apply_overrides(values, overrides or [])
+    if "data" not in values:
+        raise ConfigError(f"{path or 'command line'}: expected a 'data' section with "
+                          "data.corpus, found none")
+    return from_dict(TrainConfig, values, str(path or "command line"))
+
+
+def _positive(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{type(obj).__name__}.{name}: expected a positive integer, "
+                          f"found {value!r}")
+
+
+def _non_negative(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{type(obj).__name__}.{name}: expected a non-negative integer, "
+                          f"found {value!r}")

@@ -1,0 +1,68 @@
+"""The DeepSpeed config of a run: the JSON from ``ds_configs/`` completed by the trainer.
+
+Batch sizes come from the training config, never from the JSON, so there is one source of
+truth: ``train_batch_size = micro_batch x gradient_accumulation x data_parallel_size``. A
+JSON or config that states something else fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sparse_moe.config_io import ConfigError
+from sparse_moe.train.config import TrainConfig
+
+
+def load_ds_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: DeepSpeed config {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from err
+
+
+def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path) -> dict[str, Any]:
+    """The dict passed to ``deepspeed.initialize``."""
+    section = config.deepspeed
+    ds = load_ds_json(section.config)
+    micro, accumulation = config.data.micro_batch_size, section.gradient_accumulation_steps
+    expected = micro * accumulation * data_parallel_size
+    for key, value in (("train_batch_size", ds.get("train_batch_size")),
+                       ("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu")),
+                       ("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"))):
+        if value not in (None, "auto"):
+            raise ConfigError(f"{section.config}: {key}={value} is set in the DeepSpeed JSON; batch "
+                              "sizes belong to the training config (data.micro_batch_size, "
+                              "deepspeed.gradient_accumulation_steps); remove it")
+    if section.train_batch_size is not None and section.train_batch_size != expected:
+        raise ConfigError(
+            f"deepspeed.train_batch_size: expected micro batch {micro} x gradient accumulation "
+            f"{accumulation} x data-parallel size {data_parallel_size} = {expected}, "
+            f"found {section.train_batch_size}")
+    ds.update(train_batch_size=expected, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=accumulation)
+    if section.gradient_clipping is not None:
+        ds["gradient_clipping"] = section.gradient_clipping
+    if section.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = section.zero_stage
+    if section.precision is not None:
+        ds["bf16"] = {"enabled": section.precision == "bf16"}
+        fp16 = ds.get("fp16", {}) if section.precision == "fp16" else {}
+        ds["fp16"] = {**fp16, "enabled": section.precision == "fp16"}
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the paper's factored Adam
+    _add_monitors(ds, config, run_dir)
+    return ds
+
+
+def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    tracking = config.tracking
+    if tracking.csv:
+        ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir), "job_name": "metrics"}
+    if tracking.wandb and tracking.wandb_mode != "disabled":
+        group = tracking.group or os.environ.get("SLURM_JOB_ID")
+        ds["wandb"] = {"enabled": True, "project": tracking.project, "group": group}

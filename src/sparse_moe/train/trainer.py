@@ -1,0 +1,417 @@
+"""Training the MoE-LSTM language model on a DeepSpeed engine.
+
+One process per rank. Dense parameters are data-parallel over the whole world; each MoE
+layer's experts are sharded over expert-parallel groups of ``parallel.ep_size`` ranks (the
+paper's mix of data and model parallelism). DeepSpeed owns the optimizer step, gradient
+reduction (experts over their expert-data-parallel group), clipping, precision, ZeRO,
+checkpoint files and the wandb/CSV monitors.
+
+Exact resumption: every micro-step reseeds the RNG from (seed, step, micro-step, rank), and a
+checkpoint records the step and the data reader's position, so a resumed run draws the same
+batches, dropout masks and gating noise as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from sparse_moe.config_io import ConfigError, to_dict
+from sparse_moe.data import LMBatches, load_tokenizer, open_corpus
+from sparse_moe.models import LMConfig, build_model, compose_loss, lm_preset
+from sparse_moe.models.layers import MoELayer
+from sparse_moe.optim import build_optimizer, build_scheduler
+from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, create_expert_parallel_groups,
+                                 moe_param_groups, shard_experts)
+from sparse_moe.train.config import TrainConfig
+from sparse_moe.train.distributed import init_distributed
+from sparse_moe.train.ds_config import build_ds_config
+
+CHECKPOINT_DIR = "checkpoints"
+# Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
+# requeue the job when they see it.
+EXIT_PREEMPTED = 75
+PREEMPTED_MARKER = "preempted.json"
+
+
+class PreemptionFlag:
+    """Remembers a SIGUSR1/SIGTERM; ranks agree on it at step boundaries (an all-reduce MAX).
+
+    Acting only at a step boundary, and only when every rank has seen the agreement, keeps the
+    ranks in lockstep: no rank leaves a collective that the others are still inside.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A well-mixed seed for one micro-step of one rank (independent of history)."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_language_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The configured preset with its overrides, identically initialised on every rank."""
+    base = lm_preset(config.model.preset, vocab_size)
+    values = {**base.to_dict(), **config.model.overrides, "vocab_size": vocab_size,
+              "activation_checkpointing": config.model.activation_checkpointing}
+    model_config = LMConfig.from_dict(values, source="model.overrides")
+    torch.manual_seed(config.run.seed)
+    return build_model(model_config)
+
+
+def shard_model_experts(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Keeps this rank's experts in every MoE layer and hands the layers to DeepSpeed."""
+    groups = create_expert_parallel_groups(config.parallel.ep_size,
+                                           config.parallel.use_data_before_expert_parallel)
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            shard_experts(module.moe, groups, config.parallel)
+            module.moe = DeepSpeedExpertParallelMoE(module.moe, groups)
+
+
+class LMTrainer:
+    """Owns the engine, the data readers and the loop; ``run()`` trains, evaluates, saves."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.run_dir = Path(config.run.dir)
+        self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        if config.parallel.ep_size > self.world or self.world % config.parallel.ep_size:
+            raise ConfigError(f"parallel.ep_size: expected a divisor of the world size "
+                              f"{self.world}, found {config.parallel.ep_size}")
+        self._prepare_run_dir()
+        self.tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+        self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
+        self.model = build_language_model(config, self.corpus.vocab_size)
+        shard_model_experts(self.model, config)
+        self.engine = self._initialize_engine()
+        self.batches = LMBatches(self.corpus.split(config.data.train_split),
+                                 config.data.micro_batch_size, config.data.seq_len,
+                                 rank=self.rank, world_size=self.world, seed=config.run.seed)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.preemption = PreemptionFlag()
+        if self.rank == 0:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        if config.run.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_run_dir(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file = self.run_dir / "wandb_run_id"
+            if not id_file.exists():
+                atomic_write_text(id_file, uuid.uuid4().hex[:12])
+            atomic_write_text(self.run_dir / "config.yaml",
+                              yaml.safe_dump(to_dict(self.config), sort_keys=False))
+        dist.barrier()
+        self.wandb_run_id = (self.run_dir / "wandb_run_id").read_text().strip()
+        tracking = self.config.tracking
+        if tracking.wandb and tracking.wandb_mode != "disabled":
+            # DeepSpeed's wandb monitor calls wandb.init(project, group); the rest is read here.
+            os.environ.update(WANDB_RUN_ID=self.wandb_run_id, WANDB_RESUME="allow",
+                              WANDB_MODE=tracking.wandb_mode, WANDB_DIR=str(self.run_dir),
+                              WANDB_SILENT="true")
+
+    def _initialize_engine(self):
+        cfg = self.config
+        ds_config = build_ds_config(cfg, self.world, self.run_dir)
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+        self.model.to(self.device)
+        optimizer = build_optimizer(moe_param_groups(self.model), cfg.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.schedule)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
+        return engine
+
+    def _resume(self) -> None:
+        if not (self.checkpoint_dir / "latest").exists():
+            if self.rank == 0:
+                print(f"run.resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
+            return
+        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir))
+        if path is None:
+            raise RuntimeError(f"could not load the latest checkpoint in {self.checkpoint_dir}")
+        self.step = int(client["step"])
+        self.batches.load_state_dict(client["data"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step} "
+                  f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
+
+    # ------------------------------------------------------------------ training
+    def _forever(self) -> Iterator[Any]:
+        while True:
+            yield from self.batches
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config.run
+        batches = self._forever()
+        tokens_per_step = (self.config.data.micro_batch_size * self.config.data.seq_len *
+                           self.engine.gradient_accumulation_steps() * self.world)
+        progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
+                        desc="train", unit="step", dynamic_ncols=True)
+        started, window_start, window_steps = time.time(), time.time(), 0
+        while self.step < cfg.steps:
+            metrics = self._train_step(batches)
+            self.step += 1
+            window_steps += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.time() - window_start
+                metrics["tokens_per_second"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                self._log(metrics)
+                self._append_expert_load()
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                     tok_s=f"{metrics['tokens_per_second']:.0f}")
+                window_start, window_steps = time.time(), 0
+            progress.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._log(self.evaluate())
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+            if self.preemption.agreed():
+                progress.close()
+                return self._stop_for_preemption()
+        progress.close()
+        final = self.evaluate()
+        self._log(final)
+        self.save()
+        self._write_specialisation()
+        summary = {"steps": self.step, "seconds": time.time() - started, **final,
+                   "train_loss": self.history[-1].get("loss") if self.history else None}
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            print_summary(summary, self.run_dir)
+        return summary
+
+    def _stop_for_preemption(self) -> dict[str, Any]:
+        """Saves, then marks the run preempted once every rank's files are written.
+
+        Launchers report exit statuses differently (torchrun turns any failure into 1), so
+        ``<run>/preempted.json`` is what job scripts test to requeue; the status is 75 too.
+        """
+        self.save()
+        if self.rank == 0:
+            signame = (signal.Signals(self.preemption.received).name
+                       if self.preemption.received else "a signal on another rank")
+            atomic_write_text(self.run_dir / PREEMPTED_MARKER, json.dumps(
+                {"step": self.step, "signal": signame, "time": time.time()}))
+            print(f"preempted ({signame}): saved step {self.step} to {self.checkpoint_dir}; "
+                  f"exiting with status {EXIT_PREEMPTED} for a requeue", flush=True)
+        dist.barrier()
+        return {"steps": self.step, "preempted": True}
+
+    def _train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        engine = self.engine
+        sums: dict[str, float] = {}
+        counts = None
+        accumulation = engine.gradient_accumulation_steps()
+        for micro in range(accumulation):
+            batch = next(batches)
+            torch.manual_seed(step_seed(self.config.run.seed, self.step, micro, self.rank))
+            inputs = torch.from_numpy(batch.inputs).to(self.device)
+            targets = torch.from_numpy(batch.targets).to(self.device)
+            output = engine(inputs)
+            parts = compose_loss(output, targets)
+            engine.backward(parts.total)
+            engine.step()
+            for key, value in parts.scalars().items():
+                sums[key] = sums.get(key, 0.0) + value
+            layer_counts = [o.counts.detach().float() for o in output.moe_outputs]
+            counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        metrics = {k: v / accumulation for k, v in sums.items()}
+        metrics = self._average_over_ranks(metrics)
+        metrics["lr"] = engine.get_lr()[0]
+        for i, layer in enumerate(counts or []):
+            metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
+        self._last_counts = [c.tolist() for c in counts or []]
+        return metrics
+
+    def _average_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world for k, v in zip(keys, values)}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-token perplexity of each evaluation split, summed over every rank's share."""
+        self.engine.eval()
+        results = {}
+        for split in self.config.data.eval_splits:
+            if split not in self.corpus.split_names:
+                continue
+            nll, tokens = self._split_nll(split)
+            results[f"{split}/cross_entropy"] = nll / tokens
+            results[f"{split}/perplexity"] = float(np.exp(nll / tokens))
+            results[f"{split}/tokens"] = tokens
+        self.engine.train()
+        return results
+
+    def _split_nll(self, split: str) -> tuple[float, float]:
+        data = self.config.data
+        reader = LMBatches(self.corpus.split(split), data.micro_batch_size, data.seq_len,
+                           rank=self.rank, world_size=self.world, shuffle=False)
+        limit = len(reader) if not self.config.run.eval_batches else min(
+            len(reader), self.config.run.eval_batches)
+        totals = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(reader):
+            if i >= limit:
+                break
+            inputs = torch.from_numpy(batch.inputs).to(self.device)
+            targets = torch.from_numpy(batch.targets).to(self.device)
+            logits = self.engine(inputs).logits.float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  reduction="sum")
+            totals += torch.tensor([float(nll), targets.numel()], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return float(totals[0]), float(totals[1])
+
+    # ------------------------------------------------------------------ logging, checkpoints
+    def _log(self, metrics: dict[str, float]) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.history.append({"step": self.step, **metrics})
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(f"train/{k}" if "/" not in k else k, v, self.step)
+                                              for k, v in metrics.items()])
+
+    def _append_expert_load(self) -> None:
+        """Tokens per expert of every MoE layer at this step (the load heatmap's data)."""
+        if self.rank == 0 and getattr(self, "_last_counts", None):
+            with open(self.run_dir / "expert_load.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, "layers": self._last_counts}) + "\n")
+
+    @torch.no_grad()
+    def _write_specialisation(self, top_tokens: int = 24) -> None:
+        """Which experts of the first MoE layer the most frequent validation tokens go to.
+
+        Counts (token id, expert) assignments over the evaluation batches of every rank (each
+        rank routes its own tokens), and writes the most frequent tokens with their experts.
+        """
+        split = next((s for s in self.config.data.eval_splits if s in self.corpus.split_names),
+                     self.config.data.train_split)
+        data = self.config.data
+        reader = LMBatches(self.corpus.split(split), data.micro_batch_size, data.seq_len,
+                           rank=self.rank, world_size=self.world, shuffle=False)
+        limit = self.config.run.eval_batches or len(reader)
+        table = None
+        self.engine.eval()
+        for i, batch in enumerate(reader):
+            if i >= limit:
+                break
+            inputs = torch.from_numpy(batch.inputs).to(self.device)
+            outputs = self.engine(inputs).moe_outputs
+            if not outputs or outputs[0].routing is None:
+                break
+            routing = outputs[0].routing
+            if table is None:
+                table = torch.zeros(self.corpus.vocab_size, outputs[0].counts.numel(),
+                                    dtype=torch.float64)
+            token_ids = inputs.reshape(-1)[routing.token_idx].cpu()
+            table.index_put_((token_ids, routing.expert_idx.cpu()),
+                             torch.ones(token_ids.numel(), dtype=torch.float64), accumulate=True)
+        self.engine.train()
+        if table is None:
+            return
+        dist.all_reduce(table)
+        if self.rank == 0:
+            rows = specialisation_rows(table, top_tokens, self.tokenizer)
+            atomic_write_text(self.run_dir / "specialisation.json",
+                              json.dumps({"split": split, "layer": 0, "tokens": rows}, indent=1))
+
+    def save(self) -> None:
+        client = {"step": self.step, "data": self.batches.state_dict(),
+                  "wandb_run_id": self.wandb_run_id, "seed": self.config.run.seed,
+                  "config": to_dict(self.config)}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=f"step_{self.step:08d}",
+                                    client_state=client)
+        dist.barrier()
+        if self.rank == 0:
+            prune_checkpoints(self.checkpoint_dir, self.config.run.keep_last)
+        dist.barrier()
+
+
+def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Tokens per expert (min/mean/max), CV(load) and max/mean: the paper's balance figures."""
+    mean = counts.mean().clamp_min(1e-9)
+    return {f"{prefix}/tokens_min": float(counts.min()), f"{prefix}/tokens_mean": float(mean),
+            f"{prefix}/tokens_max": float(counts.max()),
+            f"{prefix}/cv_load": float(counts.std(unbiased=False) / mean),
+            f"{prefix}/max_over_mean": float(counts.max() / mean)}
+
+
+def specialisation_rows(table: torch.Tensor, top_tokens: int, tokenizer) -> list[dict[str, Any]]:
+    """The ``top_tokens`` most routed token ids with their three most used experts."""
+    per_token = table.sum(dim=1)
+    rows = []
+    for token in per_token.argsort(descending=True)[:top_tokens].tolist():
+        total = float(per_token[token])
+        if total == 0:
+            break
+        shares = table[token] / total
+        experts = shares.argsort(descending=True)[:3].tolist()
+        text = tokenizer.decode([token]) if tokenizer is not None else str(token)
+        rows.append({"token": text, "id": token, "assignments": total,
+                     "experts": [[e, round(float(shares[e]), 3)] for e in experts]})
+    return rows
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    """Deletes all but the newest ``keep_last`` ``step_*`` checkpoints (never ``latest``'s)."""
+    latest = (directory / "latest").read_text().strip() if (directory / "latest").exists() else None
+    tags = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    lines = [f"run directory: {run_dir}", f"steps: {summary['steps']}",
+             f"time: {summary['seconds']:.1f} s"]
+    if summary.get("train_loss") is not None:
+        lines.append(f"final training loss: {summary['train_loss']:.4f}")
+    for key, value in summary.items():
+        if key.endswith("/perplexity"):
+            lines.append(f"{key}: {value:.2f}")
+    width = max(len(line) for line in lines)
+    print("+" + "-" * (width + 2) + "+")
+    for line in lines:
+        print(f"| {line.ljust(width)} |")
+    print("+" + "-" * (width + 2) + "+")

@@ -1,0 +1,72 @@
+"""A small WikiText-2 corpus built with the real data-prep command line, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.cli import main as data_prep
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO / ".." / "shared" / "data"
+
+
+def _head(src: Path, dst: Path, num_bytes: int) -> Path:
+    data = src.read_bytes()[:num_bytes]
+    dst.write_bytes(data[: data.rfind(b"\n") + 1])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def wt_corpus(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("wt2")
+    texts = {split: _head(SHARED / "wikitext-2" / f"{split}.txt", root / f"{split}.txt", size)
+             for split, size in (("train", 400_000), ("valid", 60_000), ("test", 60_000))}
+    prefix = root / "sp500"
+    assert data_prep(["tokenizer", "-i", str(texts["train"]), "--model-prefix", str(prefix),
+                      "--vocab-size", "500", "--num-threads", "2"]) == 0
+    for split, path in texts.items():
+        assert data_prep(["encode", "-i", str(path), "-t", f"{prefix}.model", "-o",
+                          str(root / "corpus"), "--split", split, "--no-progress"]) == 0
+    return {"corpus": str(root / "corpus"), "tokenizer": f"{prefix}.model", "root": str(root)}
+
+
+def train_command(nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "sparse_moe.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port()), "-m", "sparse_moe.train"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_training(overrides: list[str], nproc: int = 1, timeout: int = 240,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(train_command(nproc) + overrides, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metric(run_dir: Path, name: str) -> dict[int, float]:
+    """step -> value from DeepSpeed's CSV monitor file for ``name`` (e.g. train_loss).
+
+    The monitor writes a header each time a process starts, so a resumed run's file has
+    several; the last value logged for a step wins.
+    """
+    rows = (Path(run_dir) / "metrics" / f"{name}.csv").read_text().splitlines()
+    pairs = (row.split(",") for row in rows if row and not row.startswith("step,"))
+    return {int(step): float(value) for step, value in pairs}

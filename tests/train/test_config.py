@@ -1,0 +1,78 @@
+"""Bad training configurations fail before any model is built, naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparse_moe.config_io import ConfigError, apply_overrides
+from sparse_moe.train.config import load_train_config
+from sparse_moe.train.ds_config import build_ds_config
+from tests.train.conftest import run_training
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    values = apply_overrides({"run": {"steps": 3}}, ["run.steps=10", "optimizer.lr=3e-4",
+                                                      "run.resume=true", "model.overrides={dropout: 0.2}"])
+    assert values == {"run": {"steps": 10, "resume": True}, "optimizer": {"lr": 3e-4},
+                      "model": {"overrides": {"dropout": 0.2}}}
+    with pytest.raises(ConfigError, match="expected the form section.field=value"):
+        apply_overrides({}, ["run.steps"])
+
+
+def test_unknown_field_names_file_and_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {corpus: x}\nrun: {stpes: 10}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml\.run: unknown field\(s\) \['stpes'\]"):
+        load_train_config(path)
+
+
+def test_missing_corpus_and_bad_values():
+    with pytest.raises(ConfigError, match="expected a 'data' section"):
+        load_train_config(None, ["run.steps=3"])
+    with pytest.raises(ConfigError, match=r"RunConfig\.steps: expected a positive integer, found 0"):
+        load_train_config(None, ["data.corpus=x", "run.steps=0"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision: expected one of"):
+        load_train_config(None, ["data.corpus=x", "deepspeed.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"OptimizerConfig\.name: expected one of"):
+        load_train_config(None, ["data.corpus=x", "optimizer.name=sgd"])
+
+
+def test_batch_identity_is_checked(tmp_path):
+    config = load_train_config(None, ["data.corpus=x", "data.micro_batch_size=4",
+                                      "deepspeed.gradient_accumulation_steps=2",
+                                      "deepspeed.train_batch_size=20"])
+    with pytest.raises(ConfigError, match=r"expected micro batch 4 x gradient accumulation 2 x "
+                                          r"data-parallel size 2 = 16, found 20"):
+        build_ds_config(config, data_parallel_size=2, run_dir=tmp_path)
+    ok = load_train_config(None, ["data.corpus=x", "data.micro_batch_size=4",
+                                  "deepspeed.gradient_accumulation_steps=2"])
+    assert build_ds_config(ok, 2, tmp_path)["train_batch_size"] == 16
+
+
+def test_batch_sizes_in_the_deepspeed_json_are_refused(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 64}))
+    config = load_train_config(None, ["data.corpus=x", f"deepspeed.config={ds_json}"])
+    with pytest.raises(ConfigError, match=r"ds\.json: train_batch_size=64 is set in the DeepSpeed "
+                                          r"JSON; batch sizes belong to the training config"):
+        build_ds_config(config, 1, tmp_path)
+
+
+def test_vocabulary_mismatch_with_the_corpus_fails_clearly(wt_corpus, tmp_path):
+    from data_prep.cli import main as data_prep
+
+    other = tmp_path / "other"
+    assert data_prep(["tokenizer", "-i", f"{wt_corpus['root']}/valid.txt", "--model-prefix",
+                      str(other), "--vocab-size", "300"]) == 0
+    proc = run_training([f"data.corpus={wt_corpus['corpus']}", f"data.tokenizer={other}.model",
+                         f"run.dir={tmp_path / 'run'}", "run.steps=1"], check=False)
+    assert proc.returncode != 0
+    assert "corpus was encoded with tokenizer" in proc.stderr and "other.model" in proc.stderr
+
+
+def test_command_line_reports_config_errors_with_exit_code_2(tmp_path):
+    proc = run_training(["data.corpus=x", "run.stpes=3"], check=False)
+    assert proc.returncode == 2
+    assert "configuration error: command line.run: unknown field(s) ['stpes']" in proc.stderr

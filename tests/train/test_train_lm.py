@@ -1,0 +1,109 @@
+"""End-to-end training runs of the debug presets on WikiText-2 shards (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.train.conftest import read_metric, run_training
+
+
+def _base(wt_corpus, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [f"data.corpus={wt_corpus['corpus']}", f"data.tokenizer={wt_corpus['tokenizer']}",
+            f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every=1", "run.eval_batches=4",
+            "run.progress=false", "data.micro_batch_size=8", "data.seq_len=32",
+            "optimizer.name=adam", "optimizer.lr=0.01", "schedule.warmup_steps=5", *extra]
+
+
+@pytest.mark.timeout(300)
+def test_one_process_trains_and_tracks(wt_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(_base(wt_corpus, run_dir, 40))
+    losses = read_metric(run_dir, "train_cross_entropy")
+    assert sorted(losses) == list(range(1, 41))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 0.8, f"cross-entropy went from {first:.3f} to {last:.3f}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["valid/perplexity"] < 500  # vocabulary is 500
+    # wandb ran offline, under the run id kept in the run directory.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline, f"no offline wandb run for id {run_id} in {run_dir / 'wandb'}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
+    assert (run_dir / "config.yaml").exists() and (run_dir / "ds_config.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_with_expert_parallelism_train(wt_corpus, tmp_path):
+    run_dir = tmp_path / "ep2"
+    run_training(_base(wt_corpus, run_dir, 30, "parallel.ep_size=2"), nproc=2)
+    losses = read_metric(run_dir, "train_cross_entropy")
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
+    assert last < first - 0.5, f"cross-entropy went from {first:.3f} to {last:.3f}"
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds_config["train_batch_size"] == 8 * 1 * 2  # micro x accumulation x data-parallel
+    # The expert checkpoint files DeepSpeed writes per expert, with global ids 0..7.
+    tag = run_dir / "checkpoints" / "step_00000030"
+    experts = sorted(p.name for p in tag.glob("*expert_*"))
+    assert len(experts) == 8, experts
+
+
+@pytest.mark.timeout(300)
+def test_resumed_run_reproduces_the_uninterrupted_losses(wt_corpus, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    extra = ("deepspeed.gradient_accumulation_steps=2", "model.overrides={dropout: 0.1}")
+    run_training(_base(wt_corpus, straight, 8, *extra))
+    run_training(_base(wt_corpus, stopped, 4, *extra))
+    run_training(_base(wt_corpus, stopped, 8, *extra, "run.resume=true"))
+    want, got = read_metric(straight, "train_loss"), read_metric(stopped, "train_loss")
+    assert [got[s] for s in range(1, 9)] == [want[s] for s in range(1, 9)]
+    assert read_metric(stopped, "valid_perplexity")[8] == read_metric(straight, "valid_perplexity")[8]
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes started by a torchrun launcher."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+@pytest.mark.timeout(300)
+def test_signal_to_one_rank_saves_at_a_step_boundary_and_resumes(wt_corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.train.conftest import REPO, train_command
+
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    steps = 40
+    run_training(_base(wt_corpus, straight, steps, "parallel.ep_size=2"), nproc=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.Popen(train_command(2) + _base(wt_corpus, preempted, steps, "parallel.ep_size=2"),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    loss_file = preempted / "metrics" / "train_loss.csv"
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        if loss_file.exists() and len(loss_file.read_text().splitlines()) > 4:  # header + 4 steps
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    os.kill(_worker_pids(proc.pid)[1], signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=200)
+    marker = json.loads((preempted / "preempted.json").read_text())
+    saved = int((preempted / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert marker["step"] == saved, output[-3000:]
+    assert 4 <= saved < steps
+    assert max(read_metric(preempted, "train_loss")) == saved  # no rank went past the boundary
+    run_training(_base(wt_corpus, preempted, steps, "parallel.ep_size=2", "run.resume=true"), nproc=2)
+    want, got = read_metric(straight, "train_loss"), read_metric(preempted, "train_loss")
+    assert [got[s] for s in range(1, steps + 1)] == [want[s] for s in range(1, steps + 1)]
