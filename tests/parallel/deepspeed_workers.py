@@ -154,6 +154,13 @@ def checkpoint_worker(rank: int, world: int, save_dir: str) -> dict[str, Any]:
             after = fresh(x).y
         results[tag] = {"differs_before": float((before - expected).abs().max()),
                         "after": float((after - expected).abs().max())}
+        if not hierarchical:
+            # the per-expert files also load into another layout: all experts on each rank
+            single = _engine(_shard(_build(seed=98), create_expert_parallel_groups(1)), 2)
+            single.load_checkpoint(save_dir, tag=tag, load_module_only=True)
+            single.eval()
+            with torch.no_grad():
+                results["ep1_after"] = float((single(x).y - expected).abs().max())
     import os
 
     results["files"] = sorted(os.listdir(os.path.join(save_dir, "flat")))

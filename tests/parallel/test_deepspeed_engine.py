@@ -25,6 +25,7 @@ def test_checkpoint_saved_with_ep2_loads_into_ep2(tmp_path):
         for tag in ("flat", "hier"):
             assert result[tag]["differs_before"] > 1e-3, "fresh model must differ before loading"
             assert result[tag]["after"] == 0.0, f"rank {rank} {tag}: outputs differ after load"
+        assert result["ep1_after"] <= 1e-6, f"rank {rank}: EP=1 load of the EP=2 checkpoint"
     files = results[0]["files"]
     # DeepSpeed's per-expert files, with global expert ids, written by each owning rank
     for expert in range(4):
