@@ -1,10 +1,12 @@
 """The MoE-LSTM language model against a hand-written dense reference, plus training checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from sparse_moe.models import (LayerConfig, LMConfig, MoELSTMLanguageModel, compose_loss,
-                               lm_preset, sample_lm)
+                               lm_preset, sample_lm, sample_text)
 
 
 def _manual_lstm(lstm, x):
@@ -165,3 +167,37 @@ def test_bad_configs_name_the_field():
             LayerConfig(kind="moe", moe={"d_hidden": 8, "num_experts": 2, "top_k": 1})]))
     with pytest.raises(ValueError, match=r"shape \[batch, time\]"):
         MoELSTMLanguageModel(lm_preset("debug-moe"))(torch.zeros(5, dtype=torch.long))
+
+
+def _sentencepiece(tmp_path):
+    import sentencepiece as spm
+
+    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "wikitext-2"
+    lines = [ln for ln in (data / "train.txt").read_text(encoding="utf-8").splitlines()[:3000]
+             if ln.strip()]
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix),
+                                   vocab_size=300, model_type="unigram", bos_id=-1,
+                                   eos_id=2, unk_id=1, pad_id=0, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+
+
+def test_sample_text_continues_a_memorised_sentence(tmp_path):
+    sp = _sentencepiece(tmp_path)
+    sentence = "the game was released in japan in january 2011 ."
+    ids = sp.encode(sentence) + [sp.eos_id()]
+    torch.manual_seed(8)
+    model = MoELSTMLanguageModel(lm_preset("debug-moe", vocab_size=sp.get_piece_size()))
+    tokens = torch.tensor([ids])
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(60):
+        opt.zero_grad()
+        compose_loss(model(tokens[:, :-1]), tokens[:, 1:]).total.backward()
+        opt.step()
+    prompt = "the game was"
+    prompt_ids = sp.encode(prompt)
+    assert ids[:len(prompt_ids)] == prompt_ids  # the prompt is a prefix of the sentence
+    text = sample_text(model, sp, prompt, max_new_tokens=30, temperature=0.0,
+                       eos_id=sp.eos_id())
+    assert (prompt + " " + text).split() == sentence.split()
+    assert model.training  # restored after sampling

@@ -3,7 +3,8 @@ translation model, their budgets (ops per time step, parameters) and decoding.""
 
 from sparse_moe.models.budget import Budget, count_budget, preset_budget
 from sparse_moe.models.config import LayerConfig, LMConfig, TranslationConfig, load_model_config
-from sparse_moe.models.decoding import Hypothesis, beam_search, greedy_decode, sample_lm
+from sparse_moe.models.decoding import (Hypothesis, beam_search, greedy_decode, sample_lm,
+                                        sample_text)
 from sparse_moe.models.layers import ModelOutput
 from sparse_moe.models.lm import MoELSTMLanguageModel
 from sparse_moe.models.loss import LossParts, compose_loss, perplexity
@@ -22,6 +23,7 @@ def build_model(config: LMConfig | TranslationConfig) -> MoELSTMLanguageModel | 
 __all__ = [
     "Budget", "count_budget", "preset_budget", "LayerConfig", "LMConfig", "TranslationConfig",
     "load_model_config", "Hypothesis", "beam_search", "greedy_decode", "sample_lm",
+    "sample_text",
     "ModelOutput", "MoELSTMLanguageModel", "LossParts", "compose_loss", "perplexity",
     "LM_PRESETS", "PAPER_LM_TABLE", "TRANSLATION_PRESETS", "lm_preset", "translation_preset",
     "MoETranslationModel", "build_model",

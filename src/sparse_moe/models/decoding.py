@@ -9,6 +9,7 @@ thresholds for strictly balanced gating).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -146,6 +147,46 @@ def sample_lm(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
         out = model(token.unsqueeze(1), state)
         state, logits = out.state, out.logits[:, -1]
     return torch.cat(generated, dim=1)
+
+
+class TextTokenizer(Protocol):
+    """What ``sample_text`` needs: SentencePiece's ``encode``/``decode`` of plain ids."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@torch.no_grad()
+def sample_text(model: MoELSTMLanguageModel, tokenizer: TextTokenizer, prompt: str,
+                max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                seed: int | None = None, eos_id: int | None = None,
+                bos_id: int | None = None) -> str:
+    """Continues ``prompt`` with sampled text (the prompt itself is not repeated).
+
+    ``tokenizer`` is a ``sentencepiece.SentencePieceProcessor`` or anything with the same
+    ``encode``/``decode``; ``bos_id`` is prepended when the model was trained with one.
+    Generation stops at ``eos_id``.
+    """
+    ids = ([bos_id] if bos_id is not None else []) + list(tokenizer.encode(prompt))
+    if not ids:
+        raise ValueError("sample_text: the prompt encodes to no tokens; give a non-empty "
+                         "prompt or a bos_id")
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = sample_lm(model, torch.tensor([ids], device=device), max_new_tokens,
+                        temperature, top_k, generator, eos_id)
+    finally:
+        model.train(was_training)
+    new = out[0, len(ids):].tolist()
+    if eos_id is not None and eos_id in new:
+        new = new[:new.index(eos_id)]
+    return tokenizer.decode(new)
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int | None,
