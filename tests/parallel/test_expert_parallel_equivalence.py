@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel.harness import run_distributed
-from tests.parallel.workers import Scenario, equivalence_worker, flat_config, hier_config
+from tests.parallel.workers import (Scenario, deadlock_worker, equivalence_worker, flat_config,
+                                   hier_config)
 
 TOL = 1e-5
 PUSH = 60.0  # a noise offset that decides the top-k outright
@@ -74,11 +75,21 @@ def test_ep2_matches_single_process(ep2_results, name):
 @pytest.mark.timeout(240)
 def test_rank_whose_tokens_all_go_elsewhere_and_idle_expert(ep2_results):
     _check(ep2_results, "tokens_all_elsewhere")
+    # expert 1 (on rank 0) gets no token anywhere: its gradient exists and is exactly zero
+    assert ep2_results[0]["tokens_all_elsewhere"]["idle_expert_grads"] == [0.0]
 
 
 @pytest.mark.timeout(240)
 def test_all_tokens_to_one_expert(ep2_results):
     _check(ep2_results, "all_to_one_expert", idle_rank=0)
+    assert ep2_results[0]["all_to_one_expert"]["idle_expert_grads"] == [0.0, 0.0]
+    assert ep2_results[1]["all_to_one_expert"]["idle_expert_grads"] == [0.0]
+
+
+@pytest.mark.timeout(60)
+def test_a_deadlocked_collective_fails_instead_of_hanging():
+    with pytest.raises((RuntimeError, TimeoutError), match="rank 0|did not finish"):
+        run_distributed(deadlock_worker, 2, timeout=40, collective_timeout=3)
 
 
 @pytest.mark.timeout(240)

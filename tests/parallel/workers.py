@@ -135,6 +135,7 @@ def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int) -> dic
         "y_scale": float(ref.y.detach().abs().max()),
     }
     result.update(_compare_grads(layer, reference, dispatcher, groups, world))
+    result["idle_expert_grads"] = _idle_expert_grads(layer, ref.counts, dispatcher)
     metrics = routing_metrics(dispatcher)
     counts = ref.counts.double()
     result["metrics"] = {
@@ -167,6 +168,28 @@ def _compare_grads(layer, reference, dispatcher, groups, world: int) -> dict[str
             expected = expected[block]
         worst = max(worst, _max_diff(grad, expected))
     return {"grads": worst, "missing_grads": missing}
+
+
+def _idle_expert_grads(layer, global_counts, dispatcher) -> list[float | None]:
+    """Largest |grad| of each local expert that no token in the global batch chose."""
+    first, n = dispatcher.first_local_expert, dispatcher.num_local_experts
+    idle = [e - first for e in range(first, first + n) if int(global_counts[e]) == 0]
+    out: list[float | None] = []
+    for local in idle:
+        grads = [p.grad for p in layer.experts.parameters()]
+        out.append(None if any(g is None for g in grads)
+                   else max(float(g[local].abs().max()) for g in grads))
+    return out
+
+
+def deadlock_worker(rank: int, world: int) -> None:
+    """Rank 0 waits in an all-reduce that rank 1 never joins."""
+    if rank == 0:
+        dist.all_reduce(torch.ones(1))
+    else:
+        import time
+
+        time.sleep(30)
 
 
 def equivalence_worker(rank: int, world: int, ep_size: int,
