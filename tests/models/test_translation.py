@@ -77,7 +77,9 @@ def test_beam_of_one_is_greedy():
     model = _model(vocab=16)
     src = _src(batch=4, vocab=16)
     greedy = greedy_decode(model, src, max_len=7)
+    model.train()  # decoding switches to eval mode itself and restores the mode
     beam = beam_search(model, src, beam_size=1, max_len=7)
+    assert model.training
     assert [h.tokens for h in beam] == greedy
     assert any(len(g) > 0 for g in greedy)
 

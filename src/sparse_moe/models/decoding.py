@@ -1,18 +1,19 @@
 """Decoding: greedy and beam search for the translation model, sampling from the LM.
 
 All of them run the models' own ``decode``/``forward`` one step at a time with the recurrent
-state carried over, so a decoded step computes exactly what teacher forcing computes.
-Models are switched to eval mode by the caller (no dropout, no gating noise, inference
-thresholds for strictly balanced gating).
+state carried over, so a decoded step computes exactly what teacher forcing computes. They
+run the model in eval mode (no dropout, no gating noise, inference thresholds for strictly
+balanced gating) and restore its mode afterwards.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sparse_moe.models.lm import MoELSTMLanguageModel
 from sparse_moe.models.translation import MoETranslationModel
@@ -24,28 +25,53 @@ class Hypothesis:
     score: float  # summed log-probability (EOS included when emitted)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (no dropout, no gating noise, inference-time strict gating), then restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[int]]:
     """The most likely next token at every step, until EOS or ``max_len`` tokens."""
+    with eval_mode(model):
+        return _greedy(model, src, max_len)
+
+
+def _greedy(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[int]]:
     cfg = model.config
     encoded = model.encode(src)
     batch = src.shape[0]
     prev = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
+    emitted = []
     state = None
     for _ in range(max_len):
         step = model.decode(prev, encoded, state)
         state = step.state
-        token = forbid_specials(step.logits[:, -1].float(), cfg.pad_id, cfg.bos_id).argmax(dim=-1)
-        for b in range(batch):
-            if not finished[b] and int(token[b]) != cfg.eos_id:
-                outputs[b].append(int(token[b]))
+        logits = forbid_specials(step.logits[:, -1].float(), cfg.pad_id, cfg.bos_id)
+        token = logits.argmax(dim=-1).masked_fill(finished, cfg.pad_id)
+        emitted.append(token)
         finished |= token == cfg.eos_id
         if bool(finished.all()):
             break
         prev = token.masked_fill(finished, cfg.pad_id).unsqueeze(1)
-    return outputs
+    rows = torch.stack(emitted, dim=1).tolist() if emitted else [[] for _ in range(batch)]
+    return [_until_end(row, cfg.eos_id, cfg.pad_id) for row in rows]
+
+
+def _until_end(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for t in tokens:
+        if t in (eos_id, pad_id):
+            break
+        out.append(t)
+    return out
 
 
 def forbid_specials(scores: Tensor, pad_id: int, bos_id: int) -> Tensor:
@@ -70,6 +96,12 @@ def beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len
     """
     if beam_size < 1:
         raise ValueError(f"beam_search: expected beam_size >= 1, found {beam_size}")
+    with eval_mode(model):
+        return _beam_search(model, src, beam_size, max_len, alpha)
+
+
+def _beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
+                 alpha: float) -> list[Hypothesis]:
     cfg = model.config
     device = src.device
     batch, k = src.shape[0], beam_size
@@ -112,12 +144,7 @@ def _best(tokens: Tensor, scores: Tensor, lengths: Tensor, finished: Tensor, alp
     normalised = [float(scores[i]) / length_penalty(int(lengths[i]), alpha)
                   for i in range(tokens.shape[0])]
     best = max(range(len(normalised)), key=lambda i: normalised[i])
-    out = []
-    for t in tokens[best].tolist():
-        if t in (eos_id, pad_id):
-            break
-        out.append(t)
-    return Hypothesis(out, float(scores[best]))
+    return Hypothesis(_until_end(tokens[best].tolist(), eos_id, pad_id), float(scores[best]))
 
 
 @torch.no_grad()
@@ -134,6 +161,13 @@ def sample_lm(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
                          f"found {tuple(prompt.shape)}")
     if temperature < 0:
         raise ValueError(f"sample_lm: expected temperature >= 0, found {temperature}")
+    with eval_mode(model):
+        return _sample(model, prompt, max_new_tokens, temperature, top_k, generator, eos_id)
+
+
+def _sample(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
+            temperature: float, top_k: int | None, generator: torch.Generator | None,
+            eos_id: int | None) -> Tensor:
     out = model(prompt)
     state, logits = out.state, out.logits[:, -1]
     generated = [prompt]
@@ -176,13 +210,8 @@ def sample_text(model: MoELSTMLanguageModel, tokenizer: TextTokenizer, prompt: s
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        out = sample_lm(model, torch.tensor([ids], device=device), max_new_tokens,
-                        temperature, top_k, generator, eos_id)
-    finally:
-        model.train(was_training)
+    out = sample_lm(model, torch.tensor([ids], device=device), max_new_tokens, temperature,
+                    top_k, generator, eos_id)
     new = out[0, len(ids):].tolist()
     if eos_id is not None and eos_id in new:
         new = new[:new.index(eos_id)]
