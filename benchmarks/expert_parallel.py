@@ -90,7 +90,8 @@ def _rank(rank: int, world: int, port: int, setup: Setup, threads: int, results)
     import deepspeed
     import torch.distributed as dist
 
-    from sparse_moe.parallel import ExpertParallelConfig, create_expert_parallel_groups, shard_experts
+    from sparse_moe.parallel import (ExpertParallelConfig, create_expert_parallel_groups,
+                                     shard_experts)
 
     deepspeed.init_distributed(dist_backend=setup.backend, verbose=False,
                                timeout=timedelta(seconds=300))

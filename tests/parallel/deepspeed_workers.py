@@ -9,7 +9,7 @@ slice with loss ``sum(y_r * g_r) + aux``; the engine averages gradients over the
 from __future__ import annotations
 
 import copy
-import math
+import os
 from typing import Any
 
 import deepspeed
@@ -161,8 +161,6 @@ def checkpoint_worker(rank: int, world: int, save_dir: str) -> dict[str, Any]:
             single.eval()
             with torch.no_grad():
                 results["ep1_after"] = float((single(x).y - expected).abs().max())
-    import os
-
     results["files"] = sorted(os.listdir(os.path.join(save_dir, "flat")))
     return results
 

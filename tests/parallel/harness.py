@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -27,8 +28,8 @@ def free_port() -> int:
 def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
            results: Any, collective_timeout: float, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      DS_ACCELERATOR="cpu")
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
     try:
         import torch
 
@@ -53,8 +54,6 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
              for rank in range(world_size)]
     for proc in procs:
         proc.start()
-    import time
-
     deadline = time.monotonic() + timeout
     done: dict[int, tuple[str, Any]] = {}
     try:
@@ -68,21 +67,20 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
                 rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in done]
-                if dead and all(not procs[r].is_alive() for r in dead):
-                    # a rank died without reporting (e.g. killed); give the queue a moment
-                    try:
-                        rank, status, payload = results.get(timeout=2.0)
-                    except queue.Empty:
-                        raise RuntimeError(f"ranks {dead} exited without a result "
-                                           f"(exit codes {[procs[r].exitcode for r in dead]})")
-                else:
+                if not dead:
                     continue
+                try:  # a rank that exits right after reporting may still be in the queue
+                    rank, status, payload = results.get(timeout=2.0)
+                except queue.Empty:
+                    raise RuntimeError(f"ranks {dead} exited without a result (exit codes "
+                                       f"{[procs[r].exitcode for r in dead]})") from None
             done[rank] = (status, payload)
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
     finally:
-        for proc in procs:
-            proc.join(timeout=5)
+        finished = len(done) == world_size and all(s == "ok" for s, _ in done.values())
+        for proc in procs:  # after a failure the others may sit in a collective: stop them
+            proc.join(timeout=5 if finished else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()

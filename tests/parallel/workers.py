@@ -155,7 +155,7 @@ def _compare_grads(layer, reference, dispatcher, groups, world: int) -> dict[str
     ref_params = dict(reference.named_parameters())
     block = slice(dispatcher.first_local_expert,
                   dispatcher.first_local_expert + dispatcher.num_local_experts)
-    worst, missing, idle_nonzero = 0.0, [], 0.0
+    worst, missing = 0.0, []
     for name, param in layer.named_parameters():
         if param.grad is None:  # still reduce, or the ranks' collectives fall out of step
             missing.append(name)

@@ -70,10 +70,11 @@ class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
 
     def __init__(self, layer: nn.Module, groups: ExpertParallelGroups) -> None:
         nn.Module.__init__(self)
-        if layer.experts.num_experts * groups.ep_size != layer.config.num_experts:
+        expected_local = layer.config.num_experts // groups.ep_size
+        if layer.experts.num_experts != expected_local:
             raise ValueError(f"DeepSpeedExpertParallelMoE: expected a layer sharded for "
-                             f"ep_size={groups.ep_size} ({layer.config.num_experts // groups.ep_size} "
-                             f"local experts), found {layer.experts.num_experts} local experts")
+                             f"ep_size={groups.ep_size} ({expected_local} local experts), "
+                             f"found {layer.experts.num_experts} local experts")
         self.deepspeed_moe = layer
         self.num_experts = layer.config.num_experts
         self.ep_size = groups.ep_size
