@@ -27,6 +27,9 @@ EP2_SCENARIOS = [
     Scenario("empty_local_batch", flat_config(), [0, 6], seed=4, time_communication=True),
     Scenario("hierarchical_empty_rank", hier_config(), [5, 0], seed=5),
     Scenario("topk_no_noise", flat_config(gating="topk", k=1), [4, 4], seed=6),
+    # Inference of strictly balanced gating: a varying number of experts per token.
+    Scenario("strict_balanced_eval", flat_config(gating="strict_balanced"), [5, 6], seed=8,
+             training=False),
 ]
 
 WORLD4_SCENARIOS = [
@@ -67,7 +70,8 @@ def ep2_dp2_results():
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", ["flat", "hierarchical", "topk_no_noise"])
+@pytest.mark.parametrize("name", ["flat", "hierarchical", "topk_no_noise",
+                                  "strict_balanced_eval"])
 def test_ep2_matches_single_process(ep2_results, name):
     _check(ep2_results, name)
 

@@ -43,6 +43,7 @@ class Scenario:
     force: list[tuple[int | None, int, float]] = field(default_factory=list)
     capacity_factor: float | None = None
     time_communication: bool = False
+    training: bool = True
 
 
 def flat_config(**kw: Any) -> dict[str, Any]:
@@ -64,7 +65,9 @@ def _randomise_gates(layer: torch.nn.Module, generator: torch.Generator) -> None
     """Gate weights start at zero; random ones make every gradient path non-trivial."""
     with torch.no_grad():
         for name, param in layer.named_parameters():
-            if "experts" not in name:
+            if name.endswith("threshold"):  # strictly balanced gating: around 1/E
+                param.copy_(torch.rand(param.shape, generator=generator) / param.numel())
+            elif "experts" not in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
@@ -85,6 +88,8 @@ def _make_noise(cfg: MoEConfig, scenario: Scenario, total: int, generator: torch
 
 
 def _slice_noise(noise, rows: slice):
+    if noise is None:
+        return None
     if isinstance(noise, tuple):
         return tuple(n[rows] for n in noise)
     return noise[rows]
@@ -103,7 +108,7 @@ def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int) -> dic
     torch.manual_seed(scenario.seed)
     layer = build_moe(cfg)
     _randomise_gates(layer, gen)
-    layer.train()
+    layer.train(scenario.training)
     reference = copy.deepcopy(layer)
 
     groups = create_expert_parallel_groups(ep_size)
@@ -114,7 +119,7 @@ def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int) -> dic
     total = sum(scenario.rows_per_rank)
     x = torch.randn(total, D_MODEL, generator=gen)
     out_grad = torch.randn(total, cfg.d_out, generator=gen)
-    noise = _make_noise(cfg, scenario, total, gen)
+    noise = _make_noise(cfg, scenario, total, gen) if cfg.gating != "strict_balanced" else None
     rows = _rank_rows(scenario, rank)
 
     x_ref = x.clone().requires_grad_(True)
@@ -157,13 +162,15 @@ def _compare_grads(layer, reference, dispatcher, groups, world: int) -> dict[str
                   dispatcher.first_local_expert + dispatcher.num_local_experts)
     worst, missing = 0.0, []
     for name, param in layer.named_parameters():
-        if param.grad is None:  # still reduce, or the ranks' collectives fall out of step
-            missing.append(name)
+        expected = ref_params[name].grad
+        if param.grad is None and expected is not None:
+            missing.append(name)  # still reduce below, or the ranks fall out of step
         grad = torch.zeros_like(param) if param.grad is None else param.grad.clone()
         is_expert = getattr(param, "allreduce", True) is False
         dist.all_reduce(grad, group=groups.expert_data_parallel if is_expert else None)
         grad /= world
-        expected = ref_params[name].grad
+        if expected is None:  # not in the graph (e.g. a threshold at inference)
+            expected = torch.zeros_like(ref_params[name])
         if is_expert:
             expected = expected[block]
         worst = max(worst, _max_diff(grad, expected))
