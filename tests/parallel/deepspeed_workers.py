@@ -18,7 +18,8 @@ from torch import nn
 
 from sparse_moe.moe import MoEConfig, build_moe
 from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelConfig,
-                                 create_expert_parallel_groups, moe_param_groups, shard_experts)
+                                 build_expert_parallel_moe, create_expert_parallel_groups,
+                                 moe_param_groups, shard_experts)
 
 D = 8
 LR = 0.5
@@ -126,6 +127,29 @@ def zero_step_worker(rank: int, world: int, runs: list[tuple[int, float]]
                                   for p, q in zip(_build(seed=stage).parameters(),
                                                   reference.parameters()))
     return out
+
+
+def built_in_place_worker(rank: int, world: int) -> dict[str, Any]:
+    """A layer built shard-only from a per-rank seed agrees after ``deepspeed.initialize``.
+
+    The engine broadcasts dense parameters from rank 0; returns rank 0's dense parameters
+    and this rank's expert shapes, for the test to compare across ranks.
+    """
+    groups = create_expert_parallel_groups(2)
+    torch.manual_seed(1000 + rank)  # deliberately different on every rank
+    cfg = MoEConfig(d_model=D, d_hidden=16, num_experts=4, k=2)
+    layer = build_expert_parallel_moe(cfg, ExpertParallelConfig(ep_size=2), groups)
+    with torch.no_grad():
+        layer.router.w_gate.normal_()
+    before = layer.router.w_gate.detach().clone()
+    model = TinyModel(DeepSpeedExpertParallelMoE(layer, groups))
+    engine = _engine(model, 2)
+    return {"gate_before": before,
+            "dense": {n: p.detach().clone() for n, p in engine.module.named_parameters()
+                      if getattr(p, "allreduce", True) is not False},
+            "expert_shapes": [tuple(p.shape) for p in layer.experts.parameters()],
+            "marked": all(p.allreduce is False and p.group_name == "ep_size_2"
+                          for p in layer.experts.parameters())}
 
 
 def checkpoint_worker(rank: int, world: int, save_dir: str) -> dict[str, Any]:

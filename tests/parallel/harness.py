@@ -9,6 +9,7 @@ call raises, naming the ranks that did not finish.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -38,7 +39,9 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False,
                                    timeout=timedelta(seconds=collective_timeout))
-        results.put((rank, "ok", worker(rank, world_size, *args)))
+        # pickled here by value: torch's queue would share tensors through file descriptors
+        # that vanish when this process exits
+        results.put((rank, "ok", pickle.dumps(worker(rank, world_size, *args))))
     except BaseException:  # report everything, including collective timeouts
         results.put((rank, "error", traceback.format_exc()))
 
@@ -84,4 +87,4 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return [done[r][1] for r in range(world_size)]
+    return [pickle.loads(done[r][1]) for r in range(world_size)]

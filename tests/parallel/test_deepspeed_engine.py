@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.deepspeed_workers import checkpoint_worker, zero_step_worker
+import torch
+
+from tests.parallel.deepspeed_workers import (built_in_place_worker, checkpoint_worker,
+                                              zero_step_worker)
 from tests.parallel.harness import run_distributed
 
 
@@ -30,3 +33,16 @@ def test_checkpoint_saved_with_ep2_loads_into_ep2(tmp_path):
     # DeepSpeed's per-expert files, with global expert ids, written by each owning rank
     for expert in range(4):
         assert f"layer_0_expert_{expert}_mp_rank_00_model_states.pt" in files, files
+
+
+@pytest.mark.timeout(240)
+def test_layer_built_shard_only_is_synchronised_by_the_engine():
+    """``build_expert_parallel_moe`` allocates E/ep experts; the engine's broadcast makes the
+    per-rank-seeded dense weights agree."""
+    results = run_distributed(built_in_place_worker, 2, timeout=200)
+    assert not torch.equal(results[0]["gate_before"], results[1]["gate_before"])
+    for rank, result in enumerate(results):
+        assert result["marked"]
+        assert result["expert_shapes"] == [(2, 8, 16), (2, 16, 8)]
+        for name, value in result["dense"].items():
+            assert torch.equal(value, results[0]["dense"][name]), f"rank {rank}: {name}"
