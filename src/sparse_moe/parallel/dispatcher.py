@@ -110,9 +110,11 @@ class ExpertParallelDispatcher:
         padded = tokens.shape[0] == 0
         if padded:
             # One zero row whose output ``combine`` discards keeps every expert weight in the
-            # graph with an exact zero gradient. It is concatenated (not substituted) so that
-            # the received tensor stays in the graph: this rank must still take part in the
-            # backward all-to-all that the other ranks run, or they would wait for it forever.
+            # graph with an exact zero gradient (PyTorch's grouped GEMM backward rejects the
+            # zero-stride gradient autograd can hand an empty output). It is concatenated,
+            # not substituted, so that the received tensor stays in the graph: this rank must
+            # still take part in the backward all-to-all that the other ranks run, or they
+            # would wait for it forever.
             tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
             tokens_per_expert = tokens_per_expert.clone()
             tokens_per_expert[0] = 1
@@ -124,8 +126,10 @@ class ExpertParallelDispatcher:
                 num_tokens: int) -> Tensor:
         if context.padded:
             expert_output = expert_output[:0]
-        source_major = torch.empty_like(expert_output).index_copy(
-            0, context.expert_major, expert_output) if expert_output.shape[0] else expert_output
+        source_major = expert_output
+        if expert_output.shape[0]:  # expert-major rows back to (source rank, expert) blocks
+            source_major = torch.empty_like(expert_output).index_copy(
+                0, context.expert_major, expert_output)
         returned = all_to_all_rows(source_major, context.input_splits, context.output_splits,
                                    self.groups.expert_parallel, self.counters.timer)
         if context.kept_rows is not None:
