@@ -70,3 +70,29 @@ def read_metric(run_dir: Path, name: str) -> dict[int, float]:
     rows = (Path(run_dir) / "metrics" / f"{name}.csv").read_text().splitlines()
     pairs = (row.split(",") for row in rows if row and not row.startswith("step,"))
     return {int(step): float(value) for step, value in pairs}
+
+
+@pytest.fixture(scope="session")
+def m30_corpus(tmp_path_factory) -> dict[str, str]:
+    """Multi30k English-German slices encoded as a parallel corpus with a padding id."""
+    import gzip
+
+    root = tmp_path_factory.mktemp("m30")
+    sizes = {"train": ("train", 2000), "valid": ("val", 120), "test": ("test_2016_flickr", 120)}
+    files = {}
+    for split, (name, count) in sizes.items():
+        for lang in ("en", "de"):
+            with gzip.open(SHARED / "multi30k" / f"{name}.{lang}.gz", "rt", encoding="utf-8") as f:
+                lines = [next(f).rstrip("\n") for _ in range(count)]
+            path = root / f"{split}.{lang}"
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            files[split, lang] = path
+    prefix = root / "sp"
+    assert data_prep(["tokenizer", "-i", str(files["train", "en"]), str(files["train", "de"]),
+                      "--model-prefix", str(prefix), "--vocab-size", "800", "--pad-id", "3"]) == 0
+    for split in sizes:
+        assert data_prep(["encode-parallel", "--source", str(files[split, "en"]), "--target",
+                          str(files[split, "de"]), "--src-lang", "en", "--tgt-lang", "de", "-t",
+                          f"{prefix}.model", "-o", str(root / "corpus"), "--split", split,
+                          "--no-progress"]) == 0
+    return {"corpus": str(root / "corpus"), "tokenizer": f"{prefix}.model", "root": str(root)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,14 +36,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+FinishedTest = Callable[[Tensor], bool]
+
+
+def locally_finished(finished: Tensor) -> bool:
+    """Stop when every sequence of this batch has finished."""
+    return bool(finished.all())
+
+
 @torch.no_grad()
-def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[int]]:
-    """The most likely next token at every step, until EOS or ``max_len`` tokens."""
+def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int,
+                  all_finished: FinishedTest = locally_finished) -> list[list[int]]:
+    """The most likely next token at every step, until EOS or ``max_len`` tokens.
+
+    ``all_finished(finished)`` decides when to stop; a distributed caller passes one that
+    agrees across ranks, because MoE layers run collectives that every rank must join.
+    """
     with eval_mode(model):
-        return _greedy(model, src, max_len)
+        return _greedy(model, src, max_len, all_finished)
 
 
-def _greedy(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[int]]:
+def _greedy(model: MoETranslationModel, src: Tensor, max_len: int,
+            all_finished: FinishedTest) -> list[list[int]]:
     cfg = model.config
     encoded = model.encode(src)
     batch = src.shape[0]
@@ -58,7 +72,7 @@ def _greedy(model: MoETranslationModel, src: Tensor, max_len: int) -> list[list[
         token = logits.argmax(dim=-1).masked_fill(finished, cfg.pad_id)
         emitted.append(token)
         finished |= token == cfg.eos_id
-        if bool(finished.all()):
+        if all_finished(finished):
             break
         prev = token.masked_fill(finished, cfg.pad_id).unsqueeze(1)
     rows = torch.stack(emitted, dim=1).tolist() if emitted else [[] for _ in range(batch)]
@@ -88,20 +102,22 @@ def length_penalty(length: int, alpha: float) -> float:
 
 @torch.no_grad()
 def beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
-                alpha: float = 0.0) -> list[Hypothesis]:
+                alpha: float = 0.0,
+                all_finished: FinishedTest = locally_finished) -> list[Hypothesis]:
     """The best of ``beam_size`` beams per source sentence, GNMT length penalty ``alpha``.
 
     Finished beams stay in the beam with their score frozen (they can only be extended by
     padding at no cost), so with ``beam_size=1`` and ``alpha=0`` this is greedy decoding.
+    ``all_finished`` decides when to stop (see ``greedy_decode``).
     """
     if beam_size < 1:
         raise ValueError(f"beam_search: expected beam_size >= 1, found {beam_size}")
     with eval_mode(model):
-        return _beam_search(model, src, beam_size, max_len, alpha)
+        return _beam_search(model, src, beam_size, max_len, alpha, all_finished)
 
 
 def _beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
-                 alpha: float) -> list[Hypothesis]:
+                 alpha: float, all_finished: FinishedTest) -> list[Hypothesis]:
     cfg = model.config
     device = src.device
     batch, k = src.shape[0], beam_size
@@ -132,7 +148,7 @@ def _beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_le
         finished = was_finished | (token == cfg.eos_id)
         rows = (beam_idx + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1)
         state = model.reorder_state(step.state, rows)
-        if bool(finished.all()):
+        if all_finished(finished):
             break
         prev = token.view(-1, 1)
     return [_best(tokens[b], scores[b], lengths[b], finished[b], alpha, cfg.eos_id, cfg.pad_id)

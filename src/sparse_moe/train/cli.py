@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         from sparse_moe.train.config import load_train_config
 
         config = load_train_config(args.config, overrides)
-        from sparse_moe.train.trainer import EXIT_PREEMPTED, LMTrainer
+        from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
-        summary = LMTrainer(config).run()
+        summary = Trainer(config).run()
         if summary.get("preempted"):
             return EXIT_PREEMPTED
     except ConfigError as err:

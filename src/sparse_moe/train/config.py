@@ -8,6 +8,7 @@
     parallel:  sparse_moe.parallel.ExpertParallelConfig (ep_size, capacity factor...)
     deepspeed: the DeepSpeed JSON to start from and the fields the trainer sets in it
     tracking:  wandb (through DeepSpeed's monitor) and the CSV monitor
+    decode:    beam search settings for translation BLEU
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class DataConfig:
     seq_len: int = 32
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    max_tokens: int = 2048  # translation: padded tokens per batch (rows x longest side)
+    # translation: split -> the original target-side text (one line per pair) that BLEU is
+    # scored against; without it, references are the decoded token ids (approximate: unknown
+    # characters and normalisation change them).
+    references: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.corpus:
@@ -66,6 +72,19 @@ class DataConfig:
                               "data_prep (with manifest.json), found nothing")
         _positive(self, "micro_batch_size")
         _positive(self, "seq_len")
+
+
+@dataclass
+class DecodeConfig:
+    """Beam search for the translation model's BLEU evaluation."""
+
+    beam_size: int = 4
+    max_length: int = 100
+    length_penalty: float = 0.6  # GNMT's alpha
+
+    def __post_init__(self) -> None:
+        _positive(self, "beam_size")
+        _positive(self, "max_length")
 
 
 @dataclass
@@ -110,6 +129,7 @@ class TrainConfig:
     parallel: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -26,13 +26,12 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
 from sparse_moe.config_io import ConfigError, to_dict
-from sparse_moe.data import LMBatches, load_tokenizer, open_corpus
-from sparse_moe.models import LMConfig, build_model, compose_loss, lm_preset
+from sparse_moe.data import load_tokenizer, open_corpus
+from sparse_moe.models import compose_loss
 from sparse_moe.models.layers import MoELayer
 from sparse_moe.optim import build_optimizer, build_scheduler
 from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, create_expert_parallel_groups,
@@ -40,6 +39,7 @@ from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, create_expert_paral
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import init_distributed
 from sparse_moe.train.ds_config import build_ds_config
+from sparse_moe.train.tasks import IGNORE, make_task
 
 CHECKPOINT_DIR = "checkpoints"
 # Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
@@ -82,16 +82,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_language_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
-    """The configured preset with its overrides, identically initialised on every rank."""
-    base = lm_preset(config.model.preset, vocab_size)
-    values = {**base.to_dict(), **config.model.overrides, "vocab_size": vocab_size,
-              "activation_checkpointing": config.model.activation_checkpointing}
-    model_config = LMConfig.from_dict(values, source="model.overrides")
-    torch.manual_seed(config.run.seed)
-    return build_model(model_config)
-
-
 def shard_model_experts(model: torch.nn.Module, config: TrainConfig) -> None:
     """Keeps this rank's experts in every MoE layer and hands the layers to DeepSpeed."""
     groups = create_expert_parallel_groups(config.parallel.ep_size,
@@ -102,8 +92,12 @@ def shard_model_experts(model: torch.nn.Module, config: TrainConfig) -> None:
             module.moe = DeepSpeedExpertParallelMoE(module.moe, groups)
 
 
-class LMTrainer:
-    """Owns the engine, the data readers and the loop; ``run()`` trains, evaluates, saves."""
+class Trainer:
+    """Owns the engine, the data reader and the loop; ``run()`` trains, evaluates, saves.
+
+    The task (language modelling or translation, chosen by the model preset) supplies the
+    model, the readers, the model inputs and the evaluation.
+    """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -117,12 +111,11 @@ class LMTrainer:
         self._prepare_run_dir()
         self.tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
         self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
-        self.model = build_language_model(config, self.corpus.vocab_size)
+        self.task = make_task(config, self.corpus, self.tokenizer, self.rank, self.world)
+        self.model = self.task.build_model()
         shard_model_experts(self.model, config)
         self.engine = self._initialize_engine()
-        self.batches = LMBatches(self.corpus.split(config.data.train_split),
-                                 config.data.micro_batch_size, config.data.seq_len,
-                                 rank=self.rank, world_size=self.world, seed=config.run.seed)
+        self.batches = self.task.train_reader()
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.preemption = PreemptionFlag()
@@ -183,23 +176,21 @@ class LMTrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.config.run
         batches = self._forever()
-        tokens_per_step = (self.config.data.micro_batch_size * self.config.data.seq_len *
-                           self.engine.gradient_accumulation_steps() * self.world)
         progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
                         desc="train", unit="step", dynamic_ncols=True)
-        started, window_start, window_steps = time.time(), time.time(), 0
+        started, window_start, window_tokens = time.time(), time.time(), 0.0
         while self.step < cfg.steps:
             metrics = self._train_step(batches)
             self.step += 1
-            window_steps += 1
+            window_tokens += metrics.pop("tokens")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.time() - window_start
-                metrics["tokens_per_second"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
                 self._log(metrics)
                 self._append_expert_load()
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}",
                                      tok_s=f"{metrics['tokens_per_second']:.0f}")
-                window_start, window_steps = time.time(), 0
+                window_start, window_tokens = time.time(), 0.0
             progress.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._log(self.evaluate())
@@ -213,8 +204,9 @@ class LMTrainer:
         self._log(final)
         self.save()
         self._write_specialisation()
+        last_train = next((h for h in reversed(self.history) if "loss" in h), {})
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
-                   "train_loss": self.history[-1].get("loss") if self.history else None}
+                   "train_loss": last_train.get("loss")}
         if self.rank == 0:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
@@ -241,22 +233,24 @@ class LMTrainer:
         engine = self.engine
         sums: dict[str, float] = {}
         counts = None
+        tokens = 0.0
         accumulation = engine.gradient_accumulation_steps()
         for micro in range(accumulation):
             batch = next(batches)
             torch.manual_seed(step_seed(self.config.run.seed, self.step, micro, self.rank))
-            inputs = torch.from_numpy(batch.inputs).to(self.device)
-            targets = torch.from_numpy(batch.targets).to(self.device)
-            output = engine(inputs)
-            parts = compose_loss(output, targets)
+            inputs, targets = self.task.model_inputs(batch, self.device)
+            output = engine(*inputs)
+            parts = compose_loss(output, targets, ignore_index=IGNORE)
             engine.backward(parts.total)
             engine.step()
             for key, value in parts.scalars().items():
                 sums[key] = sums.get(key, 0.0) + value
+            tokens += float((targets != IGNORE).sum())
             layer_counts = [o.counts.detach().float() for o in output.moe_outputs]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
         metrics = {k: v / accumulation for k, v in sums.items()}
         metrics = self._average_over_ranks(metrics)
+        metrics["tokens"] = tokens * self.world  # every rank's batch, for tokens/s
         metrics["lr"] = engine.get_lr()[0]
         for i, layer in enumerate(counts or []):
             metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
@@ -270,39 +264,12 @@ class LMTrainer:
         return {k: float(v) / self.world for k, v in zip(keys, values)}
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Per-token perplexity of each evaluation split, summed over every rank's share."""
+        """The task's evaluation (perplexity; BLEU for translation) over every rank's share."""
         self.engine.eval()
-        results = {}
-        for split in self.config.data.eval_splits:
-            if split not in self.corpus.split_names:
-                continue
-            nll, tokens = self._split_nll(split)
-            results[f"{split}/cross_entropy"] = nll / tokens
-            results[f"{split}/perplexity"] = float(np.exp(nll / tokens))
-            results[f"{split}/tokens"] = tokens
+        results = self.task.evaluate(self.engine, self.device, self.run_dir)
         self.engine.train()
         return results
-
-    def _split_nll(self, split: str) -> tuple[float, float]:
-        data = self.config.data
-        reader = LMBatches(self.corpus.split(split), data.micro_batch_size, data.seq_len,
-                           rank=self.rank, world_size=self.world, shuffle=False)
-        limit = len(reader) if not self.config.run.eval_batches else min(
-            len(reader), self.config.run.eval_batches)
-        totals = torch.zeros(2, dtype=torch.float64)
-        for i, batch in enumerate(reader):
-            if i >= limit:
-                break
-            inputs = torch.from_numpy(batch.inputs).to(self.device)
-            targets = torch.from_numpy(batch.targets).to(self.device)
-            logits = self.engine(inputs).logits.float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  reduction="sum")
-            totals += torch.tensor([float(nll), targets.numel()], dtype=torch.float64)
-        dist.all_reduce(totals)
-        return float(totals[0]), float(totals[1])
 
     # ------------------------------------------------------------------ logging, checkpoints
     def _log(self, metrics: dict[str, float]) -> None:
@@ -325,18 +292,14 @@ class LMTrainer:
         Counts (token id, expert) assignments over the evaluation batches of every rank (each
         rank routes its own tokens), and writes the most frequent tokens with their experts.
         """
+        if not hasattr(self.task, "specialisation_batches"):
+            return
         split = next((s for s in self.config.data.eval_splits if s in self.corpus.split_names),
                      self.config.data.train_split)
-        data = self.config.data
-        reader = LMBatches(self.corpus.split(split), data.micro_batch_size, data.seq_len,
-                           rank=self.rank, world_size=self.world, shuffle=False)
-        limit = self.config.run.eval_batches or len(reader)
         table = None
         self.engine.eval()
-        for i, batch in enumerate(reader):
-            if i >= limit:
-                break
-            inputs = torch.from_numpy(batch.inputs).to(self.device)
+        for inputs in self.task.specialisation_batches(split):
+            inputs = inputs.to(self.device)
             outputs = self.engine(inputs).moe_outputs
             if not outputs or outputs[0].routing is None:
                 break
@@ -387,10 +350,19 @@ def specialisation_rows(table: torch.Tensor, top_tokens: int, tokenizer) -> list
             break
         shares = table[token] / total
         experts = shares.argsort(descending=True)[:3].tolist()
-        text = tokenizer.decode([token]) if tokenizer is not None else str(token)
-        rows.append({"token": text, "id": token, "assignments": total,
+        rows.append({"token": token_text(tokenizer, token), "id": token, "assignments": total,
                      "experts": [[e, round(float(shares[e]), 3)] for e in experts]})
     return rows
+
+
+def token_text(tokenizer, token: int) -> str:
+    """The vocabulary entry itself (a SentencePiece piece such as '▁the', or a word)."""
+    if tokenizer is None:
+        return str(token)
+    processor = getattr(tokenizer, "processor", None)
+    if processor is not None:
+        return processor.id_to_piece(token)
+    return tokenizer.decode([token])
 
 
 def prune_checkpoints(directory: Path, keep_last: int) -> None:
@@ -408,7 +380,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     if summary.get("train_loss") is not None:
         lines.append(f"final training loss: {summary['train_loss']:.4f}")
     for key, value in summary.items():
-        if key.endswith("/perplexity"):
+        if key.endswith(("/perplexity", "/bleu")):
             lines.append(f"{key}: {value:.2f}")
     width = max(len(line) for line in lines)
     print("+" + "-" * (width + 2) + "+")

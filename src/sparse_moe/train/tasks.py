@@ -1,0 +1,247 @@
+"""What differs between training a language model and a translation model.
+
+A task builds its model from the config and the corpus, makes the readers, turns a batch into
+model inputs and targets, and evaluates. The trainer owns everything else (engine, loop,
+checkpoints, tracking), so both tasks get the same resumption and parallelism.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import sacrebleu
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_moe.config_io import ConfigError
+from sparse_moe.data import Corpus, LMBatches, TranslationBatches
+from sparse_moe.models import (LMConfig, TranslationConfig, beam_search, build_model, lm_preset,
+                               translation_preset)
+from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
+from sparse_moe.train.config import TrainConfig
+
+IGNORE = -100
+
+
+class Task(Protocol):
+    def build_model(self) -> torch.nn.Module: ...
+
+    def train_reader(self) -> Any: ...
+
+    def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]: ...
+
+    def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]: ...
+
+
+def make_task(config: TrainConfig, corpus: Corpus, tokenizer: Any, rank: int, world: int) -> Task:
+    preset = config.model.preset
+    if preset in TRANSLATION_PRESETS:
+        return TranslationTask(config, corpus, tokenizer, rank, world)
+    if preset in LM_PRESETS:
+        return LanguageModelTask(config, corpus, tokenizer, rank, world)
+    raise ConfigError(f"model.preset: expected one of {sorted(LM_PRESETS)} (language models) or "
+                      f"{sorted(TRANSLATION_PRESETS)} (translation), found {preset!r}")
+
+
+def _model_values(config: TrainConfig, base: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    return {**base, **config.model.overrides, **fixed,
+            "activation_checkpointing": config.model.activation_checkpointing}
+
+
+class LanguageModelTask:
+    """Next-token prediction on contiguous token streams; per-token perplexity."""
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, tokenizer: Any, rank: int,
+                 world: int) -> None:
+        self.config, self.corpus, self.tokenizer = config, corpus, tokenizer
+        self.rank, self.world = rank, world
+
+    def build_model(self) -> torch.nn.Module:
+        base = lm_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
+        values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size)
+        torch.manual_seed(self.config.run.seed)
+        return build_model(LMConfig.from_dict(values, source="model.overrides"))
+
+    def reader(self, split: str, shuffle: bool = True) -> LMBatches:
+        data = self.config.data
+        return LMBatches(self.corpus.split(split), data.micro_batch_size, data.seq_len,
+                         rank=self.rank, world_size=self.world, seed=self.config.run.seed,
+                         shuffle=shuffle)
+
+    def train_reader(self) -> LMBatches:
+        return self.reader(self.config.data.train_split)
+
+    def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
+        inputs = torch.from_numpy(batch.inputs).to(device)
+        return (inputs,), torch.from_numpy(batch.targets).to(device)
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]:
+        results = {}
+        for split in self.config.data.eval_splits:
+            if split not in self.corpus.split_names:
+                continue
+            nll, tokens = self._nll(engine, split, device)
+            results[f"{split}/cross_entropy"] = nll / tokens
+            results[f"{split}/perplexity"] = float(np.exp(nll / tokens))
+            results[f"{split}/tokens"] = tokens
+        return results
+
+    def _nll(self, engine: Any, split: str, device: torch.device) -> tuple[float, float]:
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
+            (inputs,), targets = self.model_inputs(batch, device)
+            totals += _summed_nll(engine(inputs).logits, targets)
+        dist.all_reduce(totals)
+        return float(totals[0]), float(totals[1])
+
+    def specialisation_batches(self, split: str) -> Iterator[Tensor]:
+        """Input token ids of the evaluation batches (whose routing the trainer tabulates)."""
+        for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
+            yield torch.from_numpy(batch.inputs)
+
+
+class TranslationTask:
+    """Teacher-forced cross-entropy on sentence pairs; perplexity and BLEU (sacrebleu).
+
+    Corpora come from ``data_prep encode-parallel``; ``data.train_split`` and
+    ``data.eval_splits`` name its parallel splits. Special ids come from the corpus's
+    tokenizer, which must define a padding id (``data_prep tokenizer --pad-id``).
+    """
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, tokenizer: Any, rank: int,
+                 world: int) -> None:
+        self.config, self.corpus, self.tokenizer = config, corpus, tokenizer
+        self.rank, self.world = rank, world
+        if corpus.pad_id < 0:
+            raise ConfigError(f"data.corpus: {corpus.directory} was encoded with a tokenizer "
+                              "without a padding id; translation needs one (train it with "
+                              "data_prep tokenizer --pad-id N)")
+        if tokenizer is None:
+            raise ConfigError("data.tokenizer: translation needs the tokenizer to decode BLEU "
+                              "hypotheses; found none")
+        self.bos_id = tokenizer.processor.bos_id()
+        if self.bos_id < 0:
+            raise ConfigError(f"data.tokenizer: {tokenizer.path} has no BOS id; translation "
+                              "starts decoding from it")
+        self.references = {split: self._load_references(split, path)
+                           for split, path in config.data.references.items()}
+
+    def _load_references(self, split: str, path: str) -> list[str]:
+        parallel = self.corpus.manifest.get("parallel", {})
+        if split not in parallel:
+            raise ConfigError(f"data.references.{split}: the corpus has no parallel split "
+                              f"{split!r}; it has {sorted(parallel)}")
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"data.references.{split}: reference file {file} not found")
+        lines = file.read_text(encoding="utf-8").splitlines()
+        expected = self.corpus.split(parallel[split]["target"]).num_documents
+        if len(lines) != expected:
+            raise ConfigError(f"data.references.{split}: {file} has {len(lines)} lines, expected "
+                              f"{expected} (one per sentence pair of split {split!r})")
+        return lines
+
+    def build_model(self) -> torch.nn.Module:
+        base = translation_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
+        values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size,
+                               pad_id=self.corpus.pad_id, bos_id=self.bos_id,
+                               eos_id=self.corpus.eos_id)
+        torch.manual_seed(self.config.run.seed)
+        return build_model(TranslationConfig.from_dict(values, source="model.overrides"))
+
+    def reader(self, split: str, shuffle: bool = True) -> TranslationBatches:
+        return TranslationBatches(self.corpus, split, self.config.data.max_tokens,
+                                  rank=self.rank, world_size=self.world,
+                                  seed=self.config.run.seed, shuffle=shuffle)
+
+    def train_reader(self) -> TranslationBatches:
+        return self.reader(self.config.data.train_split)
+
+    def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Source, ``BOS + target[:-1]``, and targets with padding ignored."""
+        source = torch.from_numpy(batch.source).to(device)
+        target = torch.from_numpy(batch.target).to(device)
+        bos = torch.full_like(target[:, :1], self.bos_id)
+        target_in = torch.cat([bos, target[:, :-1]], dim=1)
+        return (source, target_in), target.masked_fill(target == self.corpus.pad_id, IGNORE)
+
+    @torch.no_grad()
+    def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]:
+        """Perplexity per split, and BLEU of beam search; rank 0 writes the translations
+        (``<run>/translations/<split>.hyp`` and ``.ref``, one sentence per line)."""
+        results = {}
+        for split in self.config.data.eval_splits:
+            if split not in self.corpus.manifest.get("parallel", {}):
+                continue
+            totals = torch.zeros(2, dtype=torch.float64)
+            reader = _limited(self.reader(split, shuffle=False), self.config.run.eval_batches)
+            for batch in reader:
+                inputs, targets = self.model_inputs(batch, device)
+                totals += _summed_nll(engine(*inputs).logits, targets)
+            dist.all_reduce(totals)
+            results[f"{split}/cross_entropy"] = float(totals[0] / totals[1])
+            results[f"{split}/perplexity"] = float(np.exp(totals[0] / totals[1]))
+            results[f"{split}/bleu"] = self._bleu(engine.module, split, device, run_dir)
+        return results
+
+    def _bleu(self, model: torch.nn.Module, split: str, device: torch.device,
+              run_dir: Path) -> float:
+        """Corpus BLEU of beam-search output on this split, over every rank's share."""
+        hypotheses, references = [], []
+        for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
+            source = torch.from_numpy(batch.source).to(device)
+            decode = self.config.decode
+            outputs = beam_search(model, source, decode.beam_size, decode.max_length,
+                                  alpha=decode.length_penalty, all_finished=_all_ranks_finished)
+            for hyp, pair, target, length in zip(outputs, batch.pairs, batch.target,
+                                                 batch.target_lengths):
+                hypotheses.append(self.tokenizer.decode(hyp.tokens))
+                references.append(self._reference(split, int(pair), target[:length]))
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (hypotheses, references))
+        hyps = [h for part in gathered for h in part[0]]
+        refs = [r for part in gathered for r in part[1]]
+        if self.rank == 0:
+            _write_lines(run_dir / "translations" / f"{split}.hyp", hyps)
+            _write_lines(run_dir / "translations" / f"{split}.ref", refs)
+        return float(sacrebleu.corpus_bleu(hyps, [refs]).score) if hyps else 0.0
+
+
+    def _reference(self, split: str, pair: int, target_ids: np.ndarray) -> str:
+        if split in self.references:
+            return self.references[split][pair]
+        return self.tokenizer.decode([int(t) for t in target_ids if int(t) != self.corpus.eos_id])
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _all_ranks_finished(finished: Tensor) -> bool:
+    """Decoding stops when every rank's beams are done: MoE layers need all ranks in step."""
+    flag = torch.tensor([0 if bool(finished.all()) else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """[summed negative log-likelihood, counted tokens] in float64."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return torch.tensor([float(nll), float((targets != IGNORE).sum())], dtype=torch.float64)
+
+
+def _limited(reader: Any, limit: int) -> Iterator[Any]:
+    for i, batch in enumerate(reader):
+        if limit and i >= limit:
+            return
+        yield batch
+
