@@ -53,29 +53,30 @@ def nonblank_lines(path: Path, chunk_bytes: int = 1 << 20):
             yield [line.rstrip("\n") for line in chunk if line.strip()]
 
 
-def plain_loop(model: Path, corpus: Path) -> tuple[int, float]:
+def plain_loop(model: Path, corpus: Path) -> tuple[int, float, float]:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for lines in nonblank_lines(corpus):
         for line in lines:
             tokens += len(sp.encode(line)) + 1  # + the end-of-sentence token encode appends
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def batched(model: Path, corpus: Path, threads: int) -> tuple[int, float]:
+def batched(model: Path, corpus: Path, threads: int) -> tuple[int, float, float]:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
     for lines in nonblank_lines(corpus):
         tokens += sum(map(len, sp.encode(lines, num_threads=threads))) + len(lines)
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_encode(model: Path, corpus: Path, out: Path, num_proc: int) -> tuple[int, float, int]:
-    """Wall time, tokens and the peak RSS (KiB) of the encode command's main process."""
+def run_encode(model: Path, corpus: Path, out: Path, num_proc: int
+               ) -> tuple[int, float, float, int]:
+    """Tokens, wall time, CPU time (with the workers) and peak RSS (KiB) of the command."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "data_prep", "encode", "-i", str(corpus), "-t", str(model),
                "-o", str(out), "--eos", "line", "--shard-size", "64M", "--num-proc",
@@ -89,7 +90,8 @@ def run_encode(model: Path, corpus: Path, out: Path, num_proc: int) -> tuple[int
     import json
 
     manifest = json.loads((out / "manifest.json").read_text())
-    return manifest["splits"]["train"]["tokens"], seconds, usage.ru_maxrss
+    cpu = usage.ru_utime + usage.ru_stime
+    return manifest["splits"]["train"]["tokens"], seconds, cpu, usage.ru_maxrss
 
 
 def main() -> None:
@@ -107,26 +109,28 @@ def main() -> None:
     print(f"corpus: {large} ({large.stat().st_size / 2**20:.0f} MiB), tokenizer {model.name}, "
           f"{os.cpu_count()} CPUs")
     rows = []
-    tokens, seconds = plain_loop(model, large)
+    tokens, seconds, cpu = plain_loop(model, large)
     baseline = tokens / seconds
-    rows.append(("(a) plain sp.encode loop, 1 process", tokens, seconds, None))
-    tokens, seconds = batched(model, large, 2)
+    rows.append(("(a) plain sp.encode loop, 1 process", tokens, seconds, cpu, None))
+    tokens, seconds, cpu = batched(model, large, 2)
     ceiling = tokens / seconds
-    rows.append(("(b) sp batched encode, 2 threads", tokens, seconds, None))
+    rows.append(("(b) sp batched encode, 2 threads", tokens, seconds, cpu, None))
     for num_proc in (1, 2):
-        tokens, seconds, rss = run_encode(model, large, work / f"out-{num_proc}", num_proc)
-        rows.append((f"encode --num-proc {num_proc} (end to end)", tokens, seconds, rss))
-    _, _, rss_small = run_encode(model, small, work / "out-x1", 2)
-    print(f"\n| run | tokens | seconds | M tokens/s | vs (a) | vs (b) | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, tokens, seconds, rss in rows:
+        rows.append((f"encode --num-proc {num_proc} (end to end)",
+                     *run_encode(model, large, work / f"out-{num_proc}", num_proc)))
+    small_rss = run_encode(model, small, work / "out-x1", 2)[3]
+    load = os.getloadavg()[0]
+    print(f"\nload average (1 min) after the runs: {load:.1f}\n")
+    print("| run | tokens | seconds | M tokens/s | vs (a) | vs (b) | CPU s | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, tokens, seconds, cpu, rss in rows:
         rate = tokens / seconds
         print(f"| {name} | {tokens:,} | {seconds:.2f} | {rate / 1e6:.2f} | {rate / baseline:.2f}x "
-              f"| {rate / ceiling:.2f}x | {rss / 1024:.0f} |" if rss else
+              f"| {rate / ceiling:.2f}x | {cpu:.1f} | {rss / 1024:.0f} |" if rss else
               f"| {name} | {tokens:,} | {seconds:.2f} | {rate / 1e6:.2f} | {rate / baseline:.2f}x "
-              f"| {rate / ceiling:.2f}x | |")
-    print(f"\npeak RSS of encode --num-proc 2 (main process): x1 corpus {rss_small / 1024:.0f} MiB, "
-          f"x{repeat} corpus {rows[-1][3] / 1024:.0f} MiB")
+              f"| {rate / ceiling:.2f}x | {cpu:.1f} | |")
+    print(f"\npeak RSS of encode --num-proc 2 (largest of its processes): x1 corpus "
+          f"{small_rss / 1024:.0f} MiB, x{repeat} corpus {rows[-1][4] / 1024:.0f} MiB")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,7 +9,6 @@ import unicodedata
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from data_prep.encode import EncodeOptions
 from data_prep.jobs import encode_corpus
