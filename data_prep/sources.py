@@ -192,6 +192,10 @@ def input_bytes(spec: SourceSpec) -> int | None:
     total = 0
     for name in spec.inputs:
         path = Path(name)
+        if path.is_file():
+            with open(path, "rb") as probe:
+                if probe.read(2) == b"\x1f\x8b":
+                    return None   # decompressed size unknown: count documents instead
         total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() \
             else path.stat().st_size
     return total

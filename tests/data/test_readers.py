@@ -158,3 +158,48 @@ def test_opening_checks_the_tokenizer_and_completeness(corpus_dir, other_spm_mod
         open_corpus(corpus_dir).split("valid")
     with pytest.raises(CorpusError, match="does not exist: not a corpus directory"):
         open_corpus(tmp_path)
+
+
+def test_ranks_together_equal_one_rank_with_the_global_batch(corpus_dir, spm_model):
+    """Rank r's rows are rows [r*B, (r+1)*B) of the single-process global batch."""
+    single = list(_batches(corpus_dir, spm_model, batch_size=3 * B, seed=11))
+    per_rank = [list(_batches(corpus_dir, spm_model, rank=r, world_size=3, seed=11))
+                for r in range(3)]
+    assert all(len(p) == len(single) for p in per_rank)
+    for j, batch in enumerate(single):
+        assert np.array_equal(batch.tokens, np.concatenate([p[j].tokens for p in per_rank]))
+
+
+def _gloo_rank(rank, world, corpus_dir, spm_model, port, out):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        reader = _batches(corpus_dir, spm_model, rank=rank, world_size=world, seed=2)
+        mine = torch.from_numpy(np.stack([b.tokens for b in reader]))
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_in_separate_gloo_processes(corpus_dir, spm_model, tmp_path):
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathered.pt"
+    mp.spawn(_gloo_rank, args=(2, corpus_dir, spm_model, port, str(out)), nprocs=2)
+    gathered = torch.load(out)
+    single = list(_batches(corpus_dir, spm_model, batch_size=2 * B, seed=2))
+    assert gathered[0].shape[0] == len(single)
+    for j, batch in enumerate(single):
+        assert np.array_equal(batch.tokens, torch.cat([g[j] for g in gathered]).numpy())

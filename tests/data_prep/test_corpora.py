@@ -106,3 +106,14 @@ def test_tokenizer_command_trains_a_sentencepiece_model(tmp_path):
     assert processor.piece_to_id("<0x41>") != processor.unk_id()     # byte fallback pieces
     text = "a completely unseen word: Zyxwv ☃"
     assert processor.decode(processor.encode(text)) == text           # bytes round-trip
+
+
+def test_inspect_decodes_samples(tmp_path, wt_file, spm_model, sp, capsys):
+    out = tmp_path / "c"
+    assert cli_main(["encode", "-i", str(wt_file), "-t", spm_model, "-o", str(out),
+                     "--no-progress"]) == 0
+    assert cli_main(["inspect", str(out), "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    first = next(line for line in wt_file.read_text().split("\n") if line.strip())
+    assert "split train:" in printed and "complete" in printed
+    assert repr(sp.decode(sp.encode(first)))[:40] in printed
