@@ -55,7 +55,11 @@ def _add_encode_args(parser: argparse.ArgumentParser, eos_default: str = "docume
                              "or never")
     parser.add_argument("--shard-size", type=parse_size, default=256 << 20,
                         help="target shard size in bytes of tokens (e.g. 256M)")
-    parser.add_argument("--num-proc", type=int, default=1, help="encoding worker processes")
+    parser.add_argument("--num-proc", type=int, default=1,
+                        help="parallel encoders (threads for SentencePiece, else processes)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "threads", "processes"),
+                        help="how --num-proc encoders run; auto: threads for SentencePiece "
+                             "(it encodes without holding the GIL), processes otherwise")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different corpus or split already in --output")
     parser.add_argument("--no-progress", action="store_true")
@@ -149,7 +153,8 @@ def _encode_options(args, split: str | None = None):
 
     return EncodeOptions(tokenizer=args.tokenizer, output=args.output, split=split or args.split,
                          eos=args.eos, shard_bytes=args.shard_size, num_proc=args.num_proc,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+                         overwrite=args.overwrite, progress=not args.no_progress,
+                         engine=getattr(args, "engine", "auto"))
 
 
 def _encode(args, command) -> int:

@@ -9,6 +9,7 @@ import unicodedata
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from data_prep.encode import EncodeOptions
 from data_prep.jobs import encode_corpus
@@ -66,10 +67,12 @@ def test_decode_of_encode_round_trips(tmp_path, wt_file, spm_model, sp):
     assert exact > 500   # lines without unknown pieces decode to their normalized text
 
 
-def test_num_proc_1_and_2_write_identical_shards(tmp_path, wt_file, spm_model):
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_num_proc_1_and_2_write_identical_shards(tmp_path, wt_file, spm_model, engine):
     one, two = tmp_path / "one", tmp_path / "two"
     _encode([wt_file], spm_model, one, shard_bytes=30_000, num_proc=1, chunk_bytes=10_000)
-    _encode([wt_file], spm_model, two, shard_bytes=30_000, num_proc=2, chunk_bytes=7_000)
+    _encode([wt_file], spm_model, two, shard_bytes=30_000, num_proc=2, chunk_bytes=7_000,
+            engine=engine)
     names = sorted(p.name for p in one.iterdir() if p.suffix in (".bin", ".idx"))
     assert names == sorted(p.name for p in two.iterdir() if p.suffix in (".bin", ".idx"))
     assert len(names) > 4

@@ -25,8 +25,10 @@ def test_killed_encode_resumes_to_identical_output(tmp_path, wt_file, spm_model)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert _run(common + ["-o", str(reference)]).returncode == 0
 
-    # SIGKILL after 3 finished shards, while the 4th is half written (workers in flight).
-    killed = _run(common + ["-o", str(resumed), "--num-proc", "2"], {FAULT_ENV: "3"})
+    # SIGKILL after 3 finished shards, while the 4th is half written (worker processes in
+    # flight: they must not outlive the kill).
+    killed = _run(common + ["-o", str(resumed), "--num-proc", "2", "--engine", "processes"],
+                  {FAULT_ENV: "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = manifest(resumed)["splits"]["train"]
     assert not state["complete"] and len(state["shards"]) == 3
@@ -34,7 +36,7 @@ def test_killed_encode_resumes_to_identical_output(tmp_path, wt_file, spm_model)
     # A shard renamed into place but never recorded must not survive either.
     (resumed / "train_00003.bin.tmp").rename(resumed / "train_00003.bin")
 
-    done = _run(common + ["-o", str(resumed)])
+    done = _run(common + ["-o", str(resumed), "--num-proc", "2"])
     assert done.returncode == 0, done.stderr
     assert "resumed after" in done.stdout
     names = sorted(p.name for p in reference.iterdir() if p.suffix in (".bin", ".idx"))
