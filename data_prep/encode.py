@@ -346,9 +346,22 @@ class EncodeSummary:
         rate = self.tokens / self.seconds if self.seconds else 0.0
         return (f"{self.documents:,} documents, {self.tokens:,} tokens in {self.shards} new shards "
                 f"({self.bytes_written / 2**20:,.1f} MiB) in {self.seconds:.1f} s: "
-                f"{rate / 1e6:.2f}M tokens/s" + (f"; resumed after {self.skipped_documents:,} "
-                                                 "documents already written" if
-                                                 self.skipped_documents else ""))
+                f"{rate / 1e6:.2f}M tokens/s, peak memory {peak_memory_mib():.0f} MiB"
+                + (f"; resumed after {self.skipped_documents:,} documents already written"
+                   if self.skipped_documents else ""))
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_splits(chunks_factory: Callable[[], Iterator[tuple]], splits: list[str], options: EncodeOptions,
