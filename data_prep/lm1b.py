@@ -10,6 +10,7 @@ end-of-sentence token, the protocol behind the paper's perplexities.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -41,15 +42,18 @@ def lm1b_files(root: str | Path) -> dict[str, list[Path]]:
 
 
 def build_word_vocab(files: list[Path], path: Path, min_count: int = 3,
-                     max_size: int | None = None) -> int:
+                     max_size: int | None = None, progress: bool = False) -> int:
     """Words seen at least ``min_count`` times in training, most frequent first.
 
     With the full training set and ``min_count=3`` this is the benchmark's 793,471-word
     vocabulary (plus the three specials <S>, </S>, <UNK>).
     """
+    from tqdm import tqdm
+
     counts: Counter[str] = Counter()
     spec = SourceSpec([str(f) for f in files])
-    for file in files:
+    for file in tqdm(files, desc="word counts", unit=" files", file=sys.stderr,
+                     disable=not progress):
         for line in _decoded_lines(file, spec, ReadStats()):
             counts.update(line.split())
     words = sorted((w for w, c in counts.items() if c >= min_count and w not in WORD_SPECIALS),
@@ -77,7 +81,8 @@ def prepare_lm1b(root: str, output: str, tokenizer: str | None, vocab_from: str 
                                 f"{root} has splits {sorted(files)}")
         tokenizer = str(out / "vocab.txt")
         if not Path(tokenizer).exists() or overwrite:
-            size = build_word_vocab(files[vocab_from], Path(tokenizer), min_count, max_vocab)
+            size = build_word_vocab(files[vocab_from], Path(tokenizer), min_count, max_vocab,
+                                    progress)
             print(f"word vocabulary: {size:,} entries -> {tokenizer}")
     results = {}
     for split, paths in files.items():
