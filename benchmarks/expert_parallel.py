@@ -87,14 +87,13 @@ def _rank(rank: int, world: int, port: int, setup: Setup, threads: int, results)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
-    import deepspeed
     import torch.distributed as dist
 
     from sparse_moe.parallel import (ExpertParallelConfig, create_expert_parallel_groups,
                                      shard_experts)
+    from sparse_moe.parallel.startup import init_deepspeed_distributed
 
-    deepspeed.init_distributed(dist_backend=setup.backend, verbose=False,
-                               timeout=timedelta(seconds=300))
+    init_deepspeed_distributed(setup.backend, timeout=timedelta(seconds=300))
     groups = create_expert_parallel_groups(world)
     layer = _layer(setup)
     dispatcher = shard_experts(layer, groups,

@@ -117,11 +117,12 @@ def _deepspeed_moe(d: int, h: int, n: int, k: int):
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    import deepspeed
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
     from torch import nn
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from sparse_moe.parallel.startup import init_deepspeed_distributed
+
+    init_deepspeed_distributed("gloo")
     expert = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
     moe = DeepSpeedMoE(hidden_size=d, expert=expert, num_experts=n, ep_size=1, k=k,
                        capacity_factor=1.25, eval_capacity_factor=1.25)

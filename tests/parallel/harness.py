@@ -35,10 +35,9 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
         import torch
 
         torch.set_num_threads(1)
-        import deepspeed
+        from sparse_moe.parallel.startup import init_deepspeed_distributed
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False,
-                                   timeout=timedelta(seconds=collective_timeout))
+        init_deepspeed_distributed("gloo", timeout=timedelta(seconds=collective_timeout))
         # pickled here by value: torch's queue would share tensors through file descriptors
         # that vanish when this process exits
         results.put((rank, "ok", pickle.dumps(worker(rank, world_size, *args))))

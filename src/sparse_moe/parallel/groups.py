@@ -49,6 +49,8 @@ def create_expert_parallel_groups(ep_size: int,
     import deepspeed
     from deepspeed.utils import groups
 
+    from sparse_moe.parallel.startup import load_deepspeed_comm_ops
+
     if not dist.is_initialized():
         raise RuntimeError("create_expert_parallel_groups: torch.distributed is not initialised; "
                            "call deepspeed.init_distributed() (or init_process_group) first")
@@ -57,6 +59,7 @@ def create_expert_parallel_groups(ep_size: int,
         raise ValueError(f"ExpertParallelConfig.ep_size: expected a divisor of the world size "
                          f"{world}, found {ep_size}")
     if not deepspeed.comm.is_initialized():
+        load_deepspeed_comm_ops()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():

@@ -12,9 +12,9 @@ import socket
 import subprocess
 from datetime import timedelta
 
-import deepspeed
 import torch
-import torch.distributed as dist
+
+from sparse_moe.parallel.startup import init_deepspeed_distributed
 
 
 def _free_port() -> int:
@@ -63,7 +63,5 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    init_deepspeed_distributed(backend, timeout=timedelta(minutes=timeout_minutes))
     return device

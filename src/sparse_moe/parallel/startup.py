@@ -1,0 +1,61 @@
+"""Starting DeepSpeed's communication backend safely on machines where processes get killed.
+
+On CPU, DeepSpeed's ``TorchBackend`` loads its shared-memory collective op at every start
+through torch's JIT extension loader, which holds a ``FileBaton``: a plain ``lock`` file in
+the extension's build directory, removed when the load finishes. A process killed inside
+that window (preemption, ``scancel``, a launcher tearing down a failed job, kill -9 tests)
+leaves the file behind, and every later start then waits on it forever.
+
+``init_deepspeed_distributed`` loads the op first while holding an ``fcntl`` lock, which the
+kernel releases when its holder dies. Every start in this project goes through it, so while
+the ``fcntl`` lock is held no other process can be inside the window and a leftover baton
+is stale: it is removed. DeepSpeed caches loaded ops, so its own load then returns at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+
+SHM_BUILDER = "ShareMemCommBuilder"
+
+
+def _shm_builder():
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(SHM_BUILDER)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    return builder
+
+
+def load_deepspeed_comm_ops() -> None:
+    """Loads DeepSpeed's CPU comm op under an fcntl lock, clearing a stale torch baton."""
+    builder = _shm_builder()
+    if builder is None:
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(builder.name, False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f".{builder.name}.sparse_moe.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)  # stale: nobody else is in the window
+            builder.load(verbose=False)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def init_deepspeed_distributed(backend: str, timeout: timedelta | None = None) -> None:
+    """``deepspeed.init_distributed`` after a safe load of its CPU comm op."""
+    if dist.is_initialized():
+        return
+    load_deepspeed_comm_ops()
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               **kwargs)

@@ -1,0 +1,48 @@
+"""A process killed while DeepSpeed loads its CPU comm op must not hang every later start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+START = """
+import os
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0")
+from sparse_moe.parallel.startup import init_deepspeed_distributed
+init_deepspeed_distributed("gloo")
+import torch.distributed as dist
+print("started", dist.get_world_size())
+"""
+
+
+def _baton() -> Path | None:
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    return None if builder is None else Path(_get_build_directory(builder.name, False)) / "lock"
+
+
+@pytest.mark.timeout(240)
+def test_start_succeeds_despite_a_stale_extension_lock(tmp_path):
+    baton = _baton()
+    assert baton is not None, "DeepSpeed has no CPU shared-memory comm op builder here"
+    baton.parent.mkdir(parents=True, exist_ok=True)
+    baton.touch()  # what a process killed inside torch's JIT load leaves behind
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True,
+                          timeout=200, cwd=REPO, env=dict(os.environ, PORT=str(port)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "started 1" in proc.stdout
+    assert not baton.exists()
