@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) benchmarks/moe_layer.py --quick
+	$(PY) -m sparse_moe.demo
 
 bench: install
 	$(PY) benchmarks/moe_layer.py

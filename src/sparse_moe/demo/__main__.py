@@ -2,9 +2,9 @@
 
 1. writes a seeded synthetic multi-domain corpus (no download),
 2. trains a SentencePiece tokenizer and encodes the splits into checksummed shards,
-3. trains the MoE-LSTM (debug-moe, 8 experts, k=2) on 2 CPU processes with expert
+3. trains the MoE-LSTM (demo-moe: d=64, 16 experts, k=2) on 2 CPU processes with expert
    parallelism 2, then the dense model with the same multiply-adds per time step
-   (debug-dense), on the same tokens with the same schedule,
+   (demo-dense), on the same tokens with the same schedule,
 4. evaluates both and writes the plots, and prints the perplexities side by side.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def prepare_data(out: Path, vocab_size: int) -> tuple[Path, Path]:
 def train(name: str, preset: str, ep_size: int, corpus: Path, tokenizer: Path, out: Path,
           nproc: int, extra: list[str]) -> dict:
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own directory: start clean
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(_free_port()), "-m", "sparse_moe.train",
                "--config", str(REPO / "configs" / "demo.yaml"), f"data.corpus={corpus}",
@@ -65,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-moe-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
-    parser.add_argument("--vocab-size", type=int, default=2000)
+    parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. run.steps=100")
     args = parser.parse_args(argv)
     started = time.time()
     print(f"== synthetic multi-domain corpus, tokenizer and shards in {args.out}", flush=True)
     corpus, tokenizer = prepare_data(args.out, args.vocab_size)
-    moe = train("moe", "debug-moe", args.nproc, corpus, tokenizer, args.out, args.nproc,
+    moe = train("moe", "demo-moe", args.nproc, corpus, tokenizer, args.out, args.nproc,
                 args.overrides)
-    dense = train("dense", "debug-dense", 1, corpus, tokenizer, args.out, args.nproc,
+    dense = train("dense", "demo-dense", 1, corpus, tokenizer, args.out, args.nproc,
                   args.overrides)
     from sparse_moe.report import make_report
 
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_comparison(moe: dict, dense: dict, plots: list[Path], seconds: float) -> None:
     print("\n| model | experts | valid perplexity | test perplexity |")
     print("|---|---|---|---|")
-    for name, experts, summary in (("MoE-LSTM (debug-moe)", "8, k=2", moe),
-                                   ("dense, same ops (debug-dense)", "-", dense)):
+    for name, experts, summary in (("MoE-LSTM (demo-moe)", "16, k=2", moe),
+                                   ("dense, same ops (demo-dense)", "-", dense)):
         print(f"| {name} | {experts} | {summary.get('valid/perplexity', float('nan')):.2f} | "
               f"{summary.get('test/perplexity', float('nan')):.2f} |")
     ratio = moe.get("test/perplexity", float("nan")) / dense.get("test/perplexity", float("nan"))

@@ -83,6 +83,21 @@ LM_PRESETS.update({
     "debug-4xlstm": _debug_lm(lambda: [_lstm(DEBUG_D) for _ in range(4)]),
 })
 
+# Demo presets (make demo): d=64, 16 experts of hidden 128 with k=2 against one dense layer
+# of hidden 256 (the same multiply-adds per time step, 1/8 of the expert parameters).
+DEMO_D, DEMO_H = 64, 128
+
+
+def _demo_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
+    return lambda vocab_size=None: _lm(layers(), vocab_size or 1000, d=DEMO_D, dropout=0.1)
+
+
+LM_PRESETS.update({
+    "demo-moe": _demo_lm(lambda: _lstm_moe_lstm(_moe(16, DEMO_H, k=2), DEMO_D)),
+    "demo-dense": _demo_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=2 * DEMO_H, output_sigmoid=True), DEMO_D)),
+})
+
 # The paper's compute-matched comparison (Table 7), in its order.
 PAPER_LM_TABLE = ("4xlstm-512", "lstm-2048-512", "moe-1-wide", "moe-1-deep", "moe-4", "moe-32",
                   "moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")

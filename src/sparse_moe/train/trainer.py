@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -176,8 +177,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.config.run
         batches = self._forever()
+        # Outside a terminal (Slurm logs, CI) a bar redrawn every 0.1 s floods the log file.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
         progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
-                        desc="train", unit="step", dynamic_ncols=True)
+                        desc="train", unit="step", dynamic_ncols=True, mininterval=interval)
         started, window_start, window_tokens = time.time(), time.time(), 0.0
         while self.step < cfg.steps:
             metrics = self._train_step(batches)
@@ -206,7 +209,7 @@ class Trainer:
         self._write_specialisation()
         last_train = next((h for h in reversed(self.history) if "loss" in h), {})
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
-                   "train_loss": last_train.get("loss")}
+                   "train_loss": last_train.get("loss"), **peak_memory(self.device)}
         if self.rank == 0:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
@@ -338,6 +341,18 @@ def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:
             f"{prefix}/tokens_max": float(counts.max()),
             f"{prefix}/cv_load": float(counts.std(unbiased=False) / mean),
             f"{prefix}/max_over_mean": float(counts.max() / mean)}
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak host memory (VmHWM) and, on GPUs, the allocator's peak, in MiB."""
+    peaks = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                peaks["peak_host_memory_mib"] = int(line.split()[1]) / 1024
+    if device.type == "cuda":
+        peaks["peak_device_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
 
 
 def specialisation_rows(table: torch.Tensor, top_tokens: int, tokenizer) -> list[dict[str, Any]]:
