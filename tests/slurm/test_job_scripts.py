@@ -1,0 +1,158 @@
+"""The job scripts in slurm/, submitted with sbatch to a real local Slurm (two fake nodes).
+
+Every training job runs the debug preset on CPU (gloo) with two ranks; its losses are
+compared with the same run launched directly with torchrun outside Slurm.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.conftest import FINISHED, REPO, Job, read_metric, submit, train_overrides
+from tests.train.conftest import run_training
+
+STEPS = 10
+CONFIG = "configs/demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def direct_run(wt_corpus, tmp_path_factory) -> dict[int, float]:
+    """The reference: the same configuration, two ranks, launched directly with torchrun."""
+    run_dir = tmp_path_factory.mktemp("direct") / "run"
+    run_training(["--config", CONFIG, f"run.dir={run_dir}", *train_overrides(wt_corpus, STEPS)],
+                 nproc=2)
+    losses = read_metric(run_dir, "train_loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _variables(wt_corpus, run_dir: Path, steps: int = STEPS, *extra: str) -> dict[str, str]:
+    return {"CONFIG": CONFIG, "RUN_DIR": str(run_dir),
+            "OVERRIDES": " ".join(train_overrides(wt_corpus, steps, *extra))}
+
+
+def _assert_completed(job: Job, info: dict[str, str]) -> None:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"job {job.job_id}: {info['JobState']} {info['ExitCode']}\n{job.text()[-5000:]}"
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_nodes_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
+                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                 **_variables(wt_corpus, run_dir))
+    _assert_completed(job, job.wait())
+    assert "torchrun: 2 nodes x 1 processes, rendezvous smoenode1:" in job.text()
+    assert read_metric(run_dir, "train_loss") == direct_run
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+
+
+@pytest.mark.timeout(300)
+def test_srun_two_tasks_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_srun.sbatch", tmp_path / "logs", "--nodes=1",
+                 "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
+                 **_variables(wt_corpus, run_dir))
+    _assert_completed(job, job.wait())
+    assert read_metric(run_dir, "train_loss") == direct_run
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds_config["wandb"]["group"] == job.job_id  # wandb runs grouped by the job id
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_launcher_completes_and_matches(slurm, wt_corpus, direct_run, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_deepspeed.sbatch", tmp_path / "logs", "--nodes=1",
+                 "--gpus-per-node=2", "--cpus-per-task=2", **_variables(wt_corpus, run_dir))
+    _assert_completed(job, job.wait())
+    assert (run_dir / "hostfile").read_text().split() == ["smoenode1", "slots=2"]
+    assert read_metric(run_dir, "train_loss") == direct_run
+
+
+def _wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> None:
+    losses = run_dir / "metrics" / "train_loss.csv"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if losses.exists() and len(losses.read_text().splitlines()) > step:  # header + steps
+            return
+        if job.info().get("JobState") in FINISHED:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"the job never reached step {step}:\n{job.text()[-4000:]}")
+
+
+@pytest.mark.timeout(400)
+def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, direct_run,
+                                                            tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1 does), once, in the middle of the run."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
+                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                 **_variables(wt_corpus, run_dir))
+    _wait_for_step(job, run_dir, 2)
+    slurm.command("scancel", "--batch", "--signal=USR1", job.job_id)
+    info = job.wait(timeout=300)
+    _assert_completed(job, info)
+    log = job.text()
+    assert info["Restarts"] == "1", log[-5000:]
+    preempted = re.search(r'preempted: (\{.*\}); requeueing job', log)
+    assert preempted, log[-5000:]
+    saved = json.loads(preempted.group(1))["step"]
+    assert 2 <= saved < STEPS and json.loads(preempted.group(1))["signal"] == "SIGUSR1"
+    assert f"at step {saved} (SLURM_RESTART_COUNT=1)" in log
+    assert "SLURM_RESTART_COUNT=1 run_dir=" in log  # the requeued job's start-up line
+    assert read_metric(run_dir, "train_loss") == direct_run
+    # wandb: one run id for both starts of the job (offline run directories end with it).
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
+
+
+@pytest.mark.timeout(300)
+def test_sweep_array_writes_one_run_per_configuration(slurm, wt_corpus, tmp_path):
+    sweep_file = tmp_path / "sweep.txt"
+    sweep_file.write_text("# name overrides\nlr-low optimizer.lr=0.001\n\n"
+                          "lr-high optimizer.lr=0.02\n")
+    sweep_dir = tmp_path / "sweep"
+    variables = _variables(wt_corpus, tmp_path / "unused", 3, "parallel.ep_size=1")
+    job = submit(slurm, "sweep.sbatch", tmp_path / "logs", "--array=0-1",
+                 "--gpus-per-node=1", "--cpus-per-task=1", CONFIG=CONFIG,
+                 OVERRIDES=variables["OVERRIDES"], SWEEP_FILE=str(sweep_file),
+                 SWEEP_DIR=str(sweep_dir))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        text = slurm.command("scontrol", "show", "job", "-o", job.job_id)
+        states = re.findall(r"JobState=(\S+)", text)
+        if len(states) == 2 and all(s in FINISHED for s in states):
+            break
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+    assert states == ["COMPLETED", "COMPLETED"], logs[-5000:]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["lr-high", "lr-low"]
+    for name, lr in (("lr-low", 0.001), ("lr-high", 0.02)):
+        summary = json.loads((sweep_dir / name / "summary.json").read_text())
+        assert summary["steps"] == 3
+        assert f"lr: {lr}" in (sweep_dir / name / "config.yaml").read_text()
+        ds_config = json.loads((sweep_dir / name / "ds_config.json").read_text())
+        assert ds_config["wandb"]["group"] == f"moe-sweep-{job.job_id}"  # the array's job id
+
+
+@pytest.mark.timeout(200)
+def test_invalid_configuration_fails_fast_with_its_error_in_the_log(slurm, wt_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_srun.sbatch", tmp_path / "logs", "--nodes=1",
+                 "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
+                 **_variables(wt_corpus, run_dir, STEPS, "run.keep_last=0"))
+    info = job.wait(timeout=120)
+    log = job.text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert "configuration error" in log and "RunConfig.keep_last" in log, log[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+    minutes, seconds = info["RunTime"].split(":")[-2:]
+    assert int(minutes) * 60 + int(seconds) < 60, f"took {info['RunTime']} to fail"
