@@ -1,0 +1,88 @@
+"""``sparse-moe-generate``: sample text from a trained language model's run directory.
+
+    sparse-moe-generate runs/moe32 --prompt "The history of" --tokens 60 --temperature 0.8
+
+Loads the run's effective config and its latest (or ``--tag``) DeepSpeed checkpoint into a
+one-process engine. Checkpoints written with expert parallelism load too: DeepSpeed stores
+one file per global expert and the one process takes all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from sparse_moe.data import load_tokenizer, open_corpus
+from sparse_moe.models.decoding import sample_text
+from sparse_moe.train.config import TrainConfig
+from sparse_moe.train.distributed import init_distributed
+from sparse_moe.train.tasks import LanguageModelTask, make_task
+from sparse_moe.train.trainer import CHECKPOINT_DIR, shard_model_experts
+
+
+def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[str] | None = None
+                 ) -> tuple[Any, Any, Any, torch.device]:
+    """(engine, task, tokenizer, device) with the checkpoint's weights, in eval mode.
+
+    ``overrides`` (``section.field=value``) change the run's config, e.g. the batch size
+    used by ``task.evaluate``.
+    """
+    run_dir = Path(run_dir)
+    values = apply_overrides(load_yaml(run_dir / "config.yaml"), overrides or [])
+    values["parallel"] = {**values.get("parallel", {}), "ep_size": 1}
+    config = from_dict(TrainConfig, values, str(run_dir / "config.yaml"))
+    device = init_distributed()
+    tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+    corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
+    task = make_task(config, corpus, tokenizer, rank=0, world=1)
+    model = task.build_model()
+    shard_model_experts(model, config)
+    engine, *_ = deepspeed.initialize(model=model.to(device), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+    path, _ = engine.load_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag,
+                                     load_optimizer_states=False,
+                                     load_lr_scheduler_states=False, load_module_only=True)
+    if path is None:
+        raise ConfigError(f"{run_dir / CHECKPOINT_DIR}: no checkpoint to load"
+                          + (f" with tag {tag!r}" if tag else ""))
+    engine.eval()
+    return engine, task, tokenizer, device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparse-moe-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    args = parser.parse_args(argv)
+    try:
+        engine, task, tokenizer, _ = load_trained(args.run_dir, args.tag)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"sparse-moe-generate: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(task, LanguageModelTask) or tokenizer is None:
+        print("sparse-moe-generate: expected a language-model run with a SentencePiece "
+              "tokenizer", file=sys.stderr)
+        return 2
+    eos = tokenizer.processor.eos_id()
+    for prompt in args.prompt:
+        text = sample_text(engine.module, tokenizer.processor, prompt, args.tokens,
+                           args.temperature, args.top_k, args.seed,
+                           eos_id=eos if eos >= 0 else None)
+        print(f"{prompt}{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
