@@ -1,7 +1,7 @@
 """A real local Slurm for the job-script tests, the shared corpus, and job helpers.
 
-The cluster is installed with apt-get if needed (Debian packages), started once per test
-session under a temporary directory, and stopped by PID at the end. Test sessions on the same
+The cluster is installed with apt-get if needed (Debian packages), started once for the
+job-script tests under a temporary directory, and stopped by PID after them. Test sessions on the same
 machine take turns through a lock file, because the fake nodes' names are host-wide.
 """
 
@@ -26,7 +26,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def private_torch_extensions(tmp_path_factory):
     """DeepSpeed JIT-builds its CPU shared-memory op into torch's extension cache at start-up.
 
@@ -49,7 +49,7 @@ def private_torch_extensions(tmp_path_factory):
         os.environ["TORCH_EXTENSIONS_DIR"] = saved
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> LocalSlurm:
     with open(LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
