@@ -104,8 +104,10 @@ class NaiveLoopMoE:
             token, slot = (decision.expert_idx == e).nonzero(as_tuple=True)
             if token.numel() == 0:
                 continue
-            h = torch.relu(x[token] @ weights[0][e] + biases[0][e])
-            out = h @ weights[1][e] + biases[1][e]
+            h = x[token] @ weights[0][e]
+            h = torch.relu(h + biases[0][e] if biases is not None else h)
+            out = h @ weights[1][e]
+            out = out + biases[1][e] if biases is not None else out
             y.index_add_(0, token, out * decision.gates[token, slot].unsqueeze(1).to(x.dtype))
         return y
 

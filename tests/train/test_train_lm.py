@@ -38,7 +38,12 @@ def test_one_process_trains_and_tracks(wt_corpus, tmp_path):
 @pytest.mark.timeout(300)
 def test_two_processes_with_expert_parallelism_train(wt_corpus, tmp_path):
     run_dir = tmp_path / "ep2"
-    run_training(_base(wt_corpus, run_dir, 30, "parallel.ep_size=2"), nproc=2)
+    run_training(_base(wt_corpus, run_dir, 30, "parallel.ep_size=2", "parallel.capacity_factor=1.0",
+                       "parallel.time_communication=true"), nproc=2)
+    dropped = read_metric(run_dir, "moe0_dropped_fraction")
+    assert sorted(dropped) == list(range(1, 31))
+    assert all(0.0 <= d < 1.0 for d in dropped.values()) and max(dropped.values()) > 0
+    assert min(read_metric(run_dir, "moe0_all_to_all_seconds").values()) > 0
     losses = read_metric(run_dir, "train_cross_entropy")
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
     assert last < first - 0.5, f"cross-entropy went from {first:.3f} to {last:.3f}"

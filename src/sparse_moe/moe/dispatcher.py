@@ -95,15 +95,18 @@ def weighted_unpermute(expert_output: Tensor, routing: Routing, order: Tensor,
                        token_of_sorted: Tensor, num_tokens: int) -> Tensor:
     """Undoes the sort and sums each token's expert outputs weighted by its gates.
 
-    With a fixed number of experts per token the rows are put back in routing order (a
-    permutation, so no atomics) and summed per token: deterministic on every device.
+    With a fixed number of experts per token the rows are gathered back into routing order
+    (the inverse permutation, so no atomics) and each token's ``k`` rows are combined with
+    its gates in one batched matmul: one pass over the rows, deterministic on every device.
     Otherwise (strict balancing) the weighted rows are added with ``index_add``.
     """
-    weight = routing.weight.index_select(0, order).to(expert_output.dtype)
-    weighted = expert_output * weight.unsqueeze(-1)
     d_out = expert_output.shape[-1]
     if routing.per_token is not None:
-        unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
-        return unsorted.view(num_tokens, routing.per_token, d_out).sum(dim=1)
-    out = weighted.new_zeros(num_tokens, d_out)
-    return out.index_add(0, token_of_sorted, weighted)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
+        unsorted = expert_output.index_select(0, inverse).view(num_tokens, routing.per_token, d_out)
+        gates = routing.weight.to(expert_output.dtype).view(num_tokens, 1, routing.per_token)
+        return torch.bmm(gates, unsorted).squeeze(1)
+    weight = routing.weight.index_select(0, order).to(expert_output.dtype)
+    out = expert_output.new_zeros(num_tokens, d_out)
+    return out.index_add(0, token_of_sorted, expert_output * weight.unsqueeze(-1))

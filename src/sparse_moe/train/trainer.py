@@ -35,8 +35,9 @@ from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
 from sparse_moe.models.layers import MoELayer
 from sparse_moe.optim import build_optimizer, build_scheduler
-from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, create_expert_parallel_groups,
-                                 moe_param_groups, shard_experts)
+from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelDispatcher,
+                                 create_expert_parallel_groups, moe_param_groups, routing_metrics,
+                                 shard_experts)
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import init_distributed
 from sparse_moe.train.ds_config import build_ds_config
@@ -83,14 +84,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def shard_model_experts(model: torch.nn.Module, config: TrainConfig) -> None:
-    """Keeps this rank's experts in every MoE layer and hands the layers to DeepSpeed."""
+def shard_model_experts(model: torch.nn.Module, config: TrainConfig
+                        ) -> list[ExpertParallelDispatcher]:
+    """Keeps this rank's experts in every MoE layer and hands the layers to DeepSpeed.
+
+    Returns the layers' dispatchers, in model order (their counters feed the step metrics).
+    """
     groups = create_expert_parallel_groups(config.parallel.ep_size,
                                            config.parallel.use_data_before_expert_parallel)
+    dispatchers = []
     for module in model.modules():
         if isinstance(module, MoELayer):
-            shard_experts(module.moe, groups, config.parallel)
+            dispatchers.append(shard_experts(module.moe, groups, config.parallel))
             module.moe = DeepSpeedExpertParallelMoE(module.moe, groups)
+    return dispatchers
 
 
 class Trainer:
@@ -114,7 +121,7 @@ class Trainer:
         self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
         self.task = make_task(config, self.corpus, self.tokenizer, self.rank, self.world)
         self.model = self.task.build_model()
-        shard_model_experts(self.model, config)
+        self.dispatchers = shard_model_experts(self.model, config)
         self.engine = self._initialize_engine()
         self.batches = self.task.train_reader()
         self.step = 0
@@ -257,8 +264,26 @@ class Trainer:
         metrics["lr"] = engine.get_lr()[0]
         for i, layer in enumerate(counts or []):
             metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
+        metrics.update(self._dispatch_metrics())
         self._last_counts = [c.tolist() for c in counts or []]
         return metrics
+
+    def _dispatch_metrics(self) -> dict[str, float]:
+        """Dropped fraction (capacity mode) and time in collectives (when timed), per layer.
+
+        From the dispatchers' counters of the step's last micro-batch, reduced over replicas.
+        """
+        parallel = self.config.parallel
+        if parallel.capacity_factor is None and not parallel.time_communication:
+            return {}
+        out = {}
+        for i, dispatcher in enumerate(self.dispatchers):
+            routed = routing_metrics(dispatcher)
+            if parallel.capacity_factor is not None:
+                out[f"moe{i}/dropped_fraction"] = routed.dropped_fraction
+            if parallel.time_communication:
+                out[f"moe{i}/all_to_all_seconds"] = routed.all_to_all_seconds
+        return out
 
     def _average_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         keys = sorted(metrics)
