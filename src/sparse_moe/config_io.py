@@ -72,6 +72,20 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return out
 
 
+def reject_unknown_fields(cls: type, values: Mapping[str, Any], source: str,
+                          what: str = "") -> None:
+    """Fails naming the source, the unknown keys and the fields that exist.
+
+    ``what`` names the kind of config in the message ("MoE config", ...).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        kind = f"{what} " if what else ""
+        raise ConfigError(f"{source}: unknown {kind}field(s) {unknown}; expected some of "
+                          f"{sorted(known)}")
+
+
 def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str) -> T:
     """Builds dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
 
@@ -81,11 +95,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str) -> T:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping, found {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of "
-                          f"{sorted(known)}")
+    reject_unknown_fields(cls, values, source)
     kwargs = {}
     for name, value in values.items():
         nested = _dataclass_type(hints[name])

@@ -7,12 +7,13 @@ their compute-matched dense baselines are all such stacks (see ``presets.py``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from sparse_moe.config_io import reject_unknown_fields
 from sparse_moe.moe import MoEConfig
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
@@ -190,11 +191,7 @@ def _layer(value: LayerConfig | Mapping[str, Any], source: str) -> LayerConfig:
 def _from_dict(cls, values: Mapping[str, Any], source: str):
     if not isinstance(values, Mapping):
         raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, found {values!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; "
-                         f"expected some of {sorted(known)}")
+    reject_unknown_fields(cls, values, source, cls.__name__)
     return cls(**dict(values))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
+
+from sparse_moe.config_io import reject_unknown_fields
 
 GATING_KINDS = ("noisy_topk", "topk", "strict_balanced")
 EXPERT_TYPES = ("ffn",)
@@ -100,11 +102,7 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "MoEConfig") -> "MoEConfig":
         """Builds a config from a mapping (YAML section), naming unknown keys clearly."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown MoE config field(s) {unknown}; "
-                             f"expected some of {sorted(known)}")
+        reject_unknown_fields(cls, values, source, "MoE config")
         return cls(**dict(values))
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch.optim import Optimizer
 
+from sparse_moe.config_io import reject_unknown_fields
 from sparse_moe.optim.factored_adam import (FactoredAdam, factored_second_moment,
                                             optimizer_state_numel)
 from sparse_moe.optim.schedule import ScheduleConfig, build_scheduler, warmup_hold_rsqrt
@@ -34,11 +35,7 @@ class OptimizerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any],
                   source: str = "OptimizerConfig") -> "OptimizerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown OptimizerConfig field(s) {unknown}; "
-                             f"expected some of {sorted(known)}")
+        reject_unknown_fields(cls, values, source, "OptimizerConfig")
         return cls(**dict(values))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
+
+from sparse_moe.config_io import reject_unknown_fields
 
 
 @dataclass
@@ -37,11 +39,7 @@ class ExpertParallelConfig:
     def from_dict(cls, values: Mapping[str, Any],
                   source: str = "ExpertParallelConfig") -> "ExpertParallelConfig":
         """Builds a config from a mapping (a YAML section), naming unknown keys clearly."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown expert-parallel config field(s) {unknown}; "
-                             f"expected some of {sorted(known)}")
+        reject_unknown_fields(cls, values, source, "expert-parallel config")
         return cls(**dict(values))
 
 
