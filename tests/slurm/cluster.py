@@ -204,8 +204,9 @@ class LocalSlurm:
             devices = [self.root / "gpu" / f"fake{i}" for i in range(self.gpus)]
             for device in devices:
                 _make_fake_gpu(device)
+            files = f"{self.root / 'gpu'}/fake[0-{self.gpus - 1}]"
             (self.root / "etc" / "gres.conf").write_text(
-                f"NodeName={node_range} Name=gpu File={self.root / 'gpu'}/fake[0-{self.gpus - 1}]\n")
+                f"NodeName={node_range} Name=gpu File={files}\n")
             gres = f" Gres=gpu:{self.gpus}"
         # A random first job id keeps MASTER_PORT (derived from the job id) away from other runs.
         first_job_id = 1000 + int.from_bytes(os.urandom(2), "little") % 8000
@@ -220,7 +221,8 @@ class LocalSlurm:
             "MpiDefault=none", "MailProg=/bin/true",
             # pgid, not linuxproc: the job's leftover processes are killed with it.
             "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "KillWait=10",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=5,bf_interval=5",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",

@@ -1,8 +1,8 @@
 """A real local Slurm for the job-script tests, the shared corpus, and job helpers.
 
 The cluster is installed with apt-get if needed (Debian packages), started once for the
-job-script tests under a temporary directory, and stopped by PID after them. Test sessions on the same
-machine take turns through a lock file, because the fake nodes' names are host-wide.
+job-script tests under a temporary directory, and stopped by PID after them. Test sessions on
+the same machine take turns through a lock file, because the fake nodes' names are host-wide.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ def test_every_json_is_listed_and_documented():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_json_builds_and_deepspeed_parses_it(path: Path, tmp_path):
     raw = json.loads(path.read_text())
-    assert not {"train_batch_size", "train_micro_batch_size_per_gpu",
-                "gradient_accumulation_steps"} & set(raw), "batch sizes belong to the training config"
+    batch_keys = {"train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps"}
+    assert not batch_keys & set(raw), "batch sizes belong to the training config"
     assert raw["wall_clock_breakdown"] is False  # present, so that it is a one-word switch
     ds = build_ds_config(_train_config(path), data_parallel_size=1, run_dir=tmp_path)
     parsed = DeepSpeedConfig(ds)  # outside a process group: a world of one

@@ -66,12 +66,18 @@ def test_srun_two_tasks_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_p
 
 
 @pytest.mark.timeout(300)
-def test_deepspeed_launcher_completes_and_matches(slurm, wt_corpus, direct_run, tmp_path):
+@pytest.mark.parametrize("nodes, hostfile", [
+    (1, ["smoenode1", "slots=2"]),  # the launcher starts the processes itself
+    (2, ["smoenode1", "slots=1", "smoenode2", "slots=1"]),  # through srun (--launcher slurm)
+], ids=["one-node", "two-nodes"])
+def test_deepspeed_launcher_completes_and_matches(slurm, wt_corpus, direct_run, tmp_path,
+                                                  nodes, hostfile):
     run_dir = tmp_path / "run"
-    job = submit(slurm, "train_deepspeed.sbatch", tmp_path / "logs", "--nodes=1",
-                 "--gpus-per-node=2", "--cpus-per-task=2", **_variables(wt_corpus, run_dir))
+    job = submit(slurm, "train_deepspeed.sbatch", tmp_path / "logs", f"--nodes={nodes}",
+                 f"--gpus-per-node={2 // nodes}", f"--cpus-per-task={2 // nodes}",
+                 **_variables(wt_corpus, run_dir))
     _assert_completed(job, job.wait())
-    assert (run_dir / "hostfile").read_text().split() == ["smoenode1", "slots=2"]
+    assert (run_dir / "hostfile").read_text().split() == hostfile
     assert read_metric(run_dir, "train_loss") == direct_run
 
 
