@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
         summary = Trainer(config).run()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         if summary.get("preempted"):
             return EXIT_PREEMPTED
     except ConfigError as err:

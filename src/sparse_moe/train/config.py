@@ -95,6 +95,7 @@ class DeepSpeedSection:
     gradient_clipping: float | None = None  # overrides the JSON when set
     precision: str | None = None  # overrides the JSON's bf16/fp16 sections when set
     zero_stage: int | None = None
+    wall_clock_breakdown: bool | None = None  # DeepSpeed's per-phase timers, when set
 
     def __post_init__(self) -> None:
         _positive(self, "gradient_accumulation_steps")
@@ -110,7 +111,7 @@ class TrackingConfig:
     wandb: bool = True
     wandb_mode: str = "offline"
     project: str = "sparse-moe"
-    group: str | None = None  # default: the Slurm job id, if any
+    group: str | int | None = None  # default: the Slurm job id, if any
     csv: bool = True
 
     def __post_init__(self) -> None:

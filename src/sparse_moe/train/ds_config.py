@@ -48,6 +48,8 @@ def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path)
               gradient_accumulation_steps=accumulation)
     if section.gradient_clipping is not None:
         ds["gradient_clipping"] = section.gradient_clipping
+    if section.wall_clock_breakdown is not None:
+        ds["wall_clock_breakdown"] = section.wall_clock_breakdown
     if section.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = section.zero_stage
     if section.precision is not None:
@@ -65,4 +67,6 @@ def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> Non
         ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir), "job_name": "metrics"}
     if tracking.wandb and tracking.wandb_mode != "disabled":
         group = tracking.group or os.environ.get("SLURM_JOB_ID")
-        ds["wandb"] = {"enabled": True, "project": tracking.project, "group": group}
+        # A job id read from YAML is an int; DeepSpeed's wandb config wants a string.
+        ds["wandb"] = {"enabled": True, "project": tracking.project,
+                       "group": None if group is None else str(group)}

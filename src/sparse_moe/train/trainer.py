@@ -61,6 +61,10 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.install()
+
+    def install(self) -> None:
+        """(Re)installs the handlers; libraries started later (wandb) may replace them."""
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -109,6 +113,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.preemption = PreemptionFlag()  # before start-up: a signal then is not lost
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(config.run.dir)
@@ -126,7 +131,7 @@ class Trainer:
         self.batches = self.task.train_reader()
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self.preemption = PreemptionFlag()
+        self.preemption.install()
         if self.rank == 0:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if config.run.resume:
