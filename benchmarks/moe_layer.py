@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTENDERS = ("dense-ideal", "sparse-moe", "naive-loop", "deepspeed")
 
 
 @dataclass
@@ -54,7 +55,11 @@ def _torch_dtype(name: str):
 
 
 def _build(case: Case):
-    """Returns a function running one forward+backward of the contender."""
+    """Returns (a function running one forward+backward of the contender, its tensors).
+
+    The tensors (parameters and input) get ``grad = None`` before every timed step, as an
+    optimizer's ``zero_grad`` leaves them: no step pays for accumulating into old gradients.
+    """
     import torch
     from torch import nn
 
@@ -66,20 +71,20 @@ def _build(case: Case):
 
     if case.contender == "dense-ideal":
         net = nn.Sequential(nn.Linear(d, k * h), nn.ReLU(), nn.Linear(k * h, d)).to(device, dtype)
-        return lambda: net(x).sum().backward()
+        return (lambda: net(x).sum().backward()), [x, *net.parameters()]
     if case.contender == "sparse-moe":
         moe = MoE(MoEConfig(d, h, n, k=k)).to(device, dtype).train()
-        return lambda: _backward_moe(moe(x))
+        return (lambda: _backward_moe(moe(x))), [x, *moe.parameters()]
     if case.contender == "naive-loop":
         moe = NaiveLoopMoE(MoE(MoEConfig(d, h, n, k=k)).to(device, dtype).train())
-        return lambda: moe(x).sum().backward()
+        return (lambda: moe(x).sum().backward()), [x, *moe.moe.parameters()]
     if case.contender == "deepspeed":
         moe = _deepspeed_moe(d, h, n, k).to(device, dtype).train()
 
         def step():
             y, l_aux, _ = moe(x.unsqueeze(0))
             (y.sum() + l_aux).backward()
-        return step
+        return step, [x, *moe.parameters()]
     raise ValueError(f"unknown contender {case.contender!r}")
 
 
@@ -176,13 +181,15 @@ def run_case(case: Case) -> dict:
     import torch
 
     torch.manual_seed(0)
-    step = _build(case)
+    step, tensors = _build(case)
     sync = torch.cuda.synchronize if case.device.startswith("cuda") else (lambda: None)
     step()  # warm-up: allocator, kernels, DeepSpeed's lazy set-up
     sync()
     times = []
     with PeakMemory(case.device) as memory:
         for _ in range(case.repeats):
+            for tensor in tensors:
+                tensor.grad = None
             start = time.perf_counter()
             step()
             sync()
@@ -210,7 +217,8 @@ def cases_for(args) -> list[Case]:
     for n in args.experts:
         for contender, k in (("dense-ideal", args.k), ("sparse-moe", args.k), ("naive-loop", args.k),
                              ("dense-ideal", 2), ("sparse-moe", 2), ("deepspeed", 2)):
-            cases.append(Case(contender, n, k, **base))
+            if contender in args.contenders:
+                cases.append(Case(contender, n, k, **base))
     return cases
 
 
@@ -224,6 +232,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", type=Path, help="also write the raw results here")

@@ -25,6 +25,7 @@ from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
 from sparse_moe.train.config import TrainConfig
 
 IGNORE = -100
+SPECIALISATION_BATCHES = 50
 
 
 class Task(Protocol):
@@ -100,8 +101,13 @@ class LanguageModelTask:
         return float(totals[0]), float(totals[1])
 
     def specialisation_batches(self, split: str) -> Iterator[Tensor]:
-        """Input token ids of the evaluation batches (whose routing the trainer tabulates)."""
-        for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
+        """Input token ids of the first evaluation batches (whose routing the trainer tabulates).
+
+        At most ``run.eval_batches`` batches, or 50 when that is 0 (a whole split, perhaps
+        the training split, would cost as much as an epoch of forward passes).
+        """
+        limit = self.config.run.eval_batches or SPECIALISATION_BATCHES
+        for batch in _limited(self.reader(split, shuffle=False), limit):
             yield torch.from_numpy(batch.inputs)
 
 
