@@ -93,3 +93,29 @@ def test_counting_on_meta_does_not_allocate():
     model = meta_model(MoELSTMLanguageModel, lm_preset("moe-4096-h"))
     assert all(p.device.type == "meta" for p in model.parameters())
     assert isinstance(model.embedding.weight, torch.nn.Parameter)
+
+
+SMALL_FAMILY = ("small-4xlstm", "small-lstm-512-128", "small-moe-1-wide", "small-moe-4",
+                "small-moe-16", "small-moe-64", "small-moe-256", "small-moe-64-h",
+                "small-moe-256-h")
+
+
+@pytest.mark.parametrize("name", SMALL_FAMILY)
+def test_scaling_family_is_compute_matched(name):
+    """The scaling sweep's models do the paper's per-step work at a quarter of its width.
+
+    Reference: 4xLSTM-128 by hand, 4 LSTMs x 4 gates x 128 x (128 + 128) = 524,288
+    multiply-adds; every member is within the paper's own spread (Table 7: 8.4M to 8.9M,
+    i.e. up to +6%; LSTM-2048-512 +12%).
+    """
+    reference = 4 * 4 * 128 * (128 + 128)
+    ops = preset_budget(name, 8000).ops_per_timestep
+    assert reference <= ops <= 1.13 * reference
+
+
+def test_scaling_family_parameters_grow_with_the_experts():
+    experts = {n: 2 * 128 * 256 * n for n in (4, 16, 64, 256)}  # W_in and W_out of n experts
+    lstms = 2 * 4 * 128 * (128 + 128)
+    for n, expert_params in experts.items():
+        budget = preset_budget(f"small-moe-{n}", 8000)
+        assert expert_params + lstms < budget.matrix_params < 1.01 * (expert_params + lstms)

@@ -201,3 +201,30 @@ def test_sample_text_continues_a_memorised_sentence(tmp_path):
                        eos_id=sp.eos_id())
     assert (prompt + " " + text).split() == sentence.split()
     assert model.training  # restored after sampling
+
+
+def test_moe_overrides_replace_every_moe_layers_fields():
+    """An ablation of a preset: the overrides win over the layer's own (and default) fields."""
+    config = LMConfig(vocab_size=50, d_model=8, layers=[
+        LayerConfig(kind="moe", moe={"d_hidden": 16, "num_experts": 4, "k": 2, "w_load": 0.5}),
+        LayerConfig(kind="lstm", hidden_size=8),
+        LayerConfig(kind="moe", moe={"d_hidden": 16, "num_experts": 2, "k": 1})],
+        moe_overrides={"w_importance": 0.0, "w_load": 0.0})
+    model = MoELSTMLanguageModel(config)
+    configs = [layer.moe.config for layer in model.moe_layers]
+    assert [(c.w_importance, c.w_load) for c in configs] == [(0.0, 0.0), (0.0, 0.0)]
+    assert [c.num_experts for c in configs] == [4, 2]
+    assert all(c.output_sigmoid for c in configs)  # the LM default still applies
+    # Zero weights: the auxiliary loss is exactly zero although the gates are unbalanced.
+    out = model(torch.randint(0, 50, (3, 5)))
+    assert all(float(o.aux_loss.detach()) == 0.0 for o in out.moe_outputs)
+
+
+def test_bad_moe_overrides_fail_when_the_config_is_made():
+    with pytest.raises(ValueError, match="w_load"):
+        LMConfig(vocab_size=50, d_model=8, layers=[
+            LayerConfig(kind="moe", moe={"d_hidden": 16, "num_experts": 4, "k": 2})],
+            moe_overrides={"w_load": -1.0})
+    with pytest.raises(ValueError, match="moe_overrides"):
+        LMConfig(vocab_size=50, d_model=8, layers=[LayerConfig(kind="lstm", hidden_size=8)],
+                 moe_overrides=[1, 2])

@@ -50,9 +50,12 @@ class LayerConfig:
             _require(isinstance(self.moe, Mapping), "LayerConfig.moe",
                      "a mapping of MoEConfig fields for a moe layer", self.moe)
 
-    def moe_config(self, d_model: int, **defaults: Any) -> MoEConfig:
-        """The layer's MoEConfig with ``d_model`` (and any unset defaults) filled in."""
-        values = {**defaults, **dict(self.moe or {}), "d_model": d_model}
+    def moe_config(self, d_model: int, overrides: Mapping[str, Any] | None = None,
+                   **defaults: Any) -> MoEConfig:
+        """The layer's MoEConfig: ``defaults`` under the layer's own fields, ``overrides`` over
+        them, and ``d_model`` filled in."""
+        values = {**defaults, **dict(self.moe or {}), **dict(overrides or {}),
+                  "d_model": d_model}
         return MoEConfig.from_dict(values, source="LayerConfig.moe")
 
     @classmethod
@@ -66,6 +69,8 @@ class LMConfig:
 
     ``dropout`` applies to the embedding and every layer's output (not the softmax);
     ``residual`` adds each layer's input to its output where the sizes match.
+    ``moe_overrides`` holds MoEConfig fields that replace every MoE layer's own (an ablation
+    of a preset: ``model.overrides.moe_overrides.w_load=0``).
     """
 
     vocab_size: int
@@ -76,10 +81,16 @@ class LMConfig:
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
     pad_id: int | None = None
+    moe_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = [_layer(layer, f"LMConfig.layers[{i}]")
                        for i, layer in enumerate(self.layers)]
+        _require(isinstance(self.moe_overrides, Mapping), "LMConfig.moe_overrides",
+                 "a mapping of MoEConfig fields", self.moe_overrides)
+        for layer in self.layers:
+            if layer.kind == "moe":  # fail now, naming the field, not when the model is built
+                layer.moe_config(self.d_model, self.moe_overrides)
         _require(self.vocab_size >= 2, "LMConfig.vocab_size", "an integer >= 2", self.vocab_size)
         _require(self.d_model >= 1, "LMConfig.d_model", "a positive integer", self.d_model)
         _require(len(self.layers) >= 1, "LMConfig.layers", "at least one layer", self.layers)

@@ -70,7 +70,8 @@ class MoELSTMLanguageModel(nn.Module):
         if layer.kind == "ffn":
             return FFNLayer(width, layer.hidden_size, layer.hidden_layers, layer.output_sigmoid,
                             cfg.dropout, cfg.residual)
-        return MoELayer(layer.moe_config(width, **LM_MOE_DEFAULTS), cfg.dropout, cfg.residual)
+        moe = layer.moe_config(width, cfg.moe_overrides, **LM_MOE_DEFAULTS)
+        return MoELayer(moe, cfg.dropout, cfg.residual)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -98,6 +98,31 @@ LM_PRESETS.update({
         LayerConfig(kind="ffn", hidden_size=2 * DEMO_H, output_sigmoid=True), DEMO_D)),
 })
 
+# The scaling family (benchmarks/scaling): Table 7's models at a quarter of the width
+# (d=128, expert hidden 256), so that each trains on a 2-core CPU in minutes. Every member
+# does ~0.52M multiply-adds per time step outside the embedding and softmax, as each
+# paper model does ~8.4M. No dropout: the runs see each training token about once.
+SMALL_D, SMALL_H = 128, 256
+
+
+def _small_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
+    return lambda vocab_size=None: _lm(layers(), vocab_size or 8000, d=SMALL_D, dropout=0.0)
+
+
+LM_PRESETS.update({
+    "small-4xlstm": _small_lm(lambda: [_lstm(SMALL_D) for _ in range(4)]),
+    "small-lstm-512-128": _small_lm(lambda: [_lstm(4 * SMALL_D, SMALL_D)]),
+    "small-moe-1-wide": _small_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=4 * SMALL_H, output_sigmoid=True), SMALL_D)),
+    **{f"small-moe-{n}": _small_lm(lambda n=n: _lstm_moe_lstm(_moe(n, SMALL_H), SMALL_D))
+       for n in (4, 16, 64, 256)},
+    # Hierarchical: k=2 groups of k=2 experts each, 4 experts per token like the flat k=4.
+    "small-moe-64-h": _small_lm(lambda: _lstm_moe_lstm(_moe(64, SMALL_H, k=2, num_groups=8),
+                                                       SMALL_D)),
+    "small-moe-256-h": _small_lm(lambda: _lstm_moe_lstm(
+        _moe(256, SMALL_H, k=2, num_groups=16), SMALL_D)),
+})
+
 # The paper's compute-matched comparison (Table 7), in its order.
 PAPER_LM_TABLE = ("4xlstm-512", "lstm-2048-512", "moe-1-wide", "moe-1-deep", "moe-4", "moe-32",
                   "moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")
