@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataPrepError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the environment, not the input: permissions, a full disk
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; run the same command again to resume",
               file=sys.stderr)

@@ -225,9 +225,10 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
             if not overwrite:
                 raise DataPrepError(
                     f"{directory} already holds a corpus encoded with tokenizer {recorded['file']} "
-                    f"(sha256 {recorded['sha256'][:16]}..., dtype {manifest['dtype']}); this run "
-                    f"uses {identity['file']} (sha256 {identity['sha256'][:16]}..., dtype "
-                    f"{dtype.name}). Choose another --output or pass --overwrite to replace it")
+                    f"(sha256 {recorded['sha256'][:16]}..., dtype {manifest['dtype']}); expected "
+                    f"the same tokenizer, found {identity['file']} (sha256 "
+                    f"{identity['sha256'][:16]}..., dtype {dtype.name}). Choose another "
+                    "--output or pass --overwrite to replace it")
             for split in list(manifest["splits"]):
                 _remove_split(directory, manifest, split)
             manifest = _new_manifest(identity, dtype)
@@ -245,8 +246,9 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
             if entry["settings"] != settings and not overwrite:
                 raise DataPrepError(
                     f"{directory}: split {split!r} was written with other settings "
-                    f"({_settings_difference(entry['settings'], settings)}); pass --overwrite to "
-                    "replace it or choose another --split/--output")
+                    f"({_settings_difference(entry['settings'], settings)}); expected the same "
+                    "settings to resume or skip it: pass --overwrite to replace it or choose "
+                    "another --split/--output")
             _remove_split(directory, manifest, split)
             entry = None
         if entry is None:
@@ -368,7 +370,65 @@ def write_splits(chunks_factory: Callable[[], Iterator[tuple]], splits: list[str
                  split_settings: dict, extra_manifest: Callable[[dict], None] | None = None,
                  progress_total: int | None = None,
                  progress_counter: Callable[[], int] | None = None) -> tuple[EncodeSummary, dict]:
-    """Encodes chunks (a tuple of DocChunks, one per split: 1, or 2 aligned sides) to shards."""
+    """Encodes chunks (a tuple of DocChunks, one per split: 1, or 2 aligned sides) to shards.
+
+    A write that fails (full disk, read-only or vanished directory) becomes a DataPrepError
+    naming the file; the shard being written is removed and the finished ones stay listed
+    in the manifest, so the same command resumes once the cause is fixed.
+    """
+    directory = Path(options.output)
+    created = not directory.exists()
+    had_manifest = (directory / MANIFEST_NAME).exists()
+    before = _finished_shards(directory, splits) if had_manifest else {}
+    try:
+        return _write_splits(chunks_factory, splits, options, split_settings, extra_manifest,
+                             progress_total, progress_counter)
+    except OSError as error:
+        raise write_error(error, options) from None
+    except DataPrepError:
+        _discard_new_splits(directory, splits, before, created, had_manifest)
+        raise
+
+
+def _finished_shards(directory: Path, splits: list[str]) -> dict[str, int]:
+    try:
+        manifest = load_manifest(directory)
+    except ValueError:
+        return {}
+    return {s: len(manifest["splits"][s]["shards"]) for s in splits if s in manifest["splits"]}
+
+
+def _discard_new_splits(directory: Path, splits: list[str], before: dict[str, int],
+                        created: bool, had_manifest: bool) -> None:
+    """Removes what a run that failed on bad input wrote for splits it started from nothing.
+
+    Such shards cannot be resumed: fixing the input changes its identity, and a different
+    --errors or --encoding changes the split's settings. Splits that already had finished
+    shards are left as they were, and so is everything else in the directory.
+    """
+    if (directory / MANIFEST_NAME).exists():
+        manifest = load_manifest(directory)
+        fresh = [s for s in splits if s in manifest["splits"] and not before.get(s)]
+        for split in fresh:
+            _remove_split(directory, manifest, split)
+        if fresh and not manifest["splits"] and not had_manifest:
+            (directory / MANIFEST_NAME).unlink()
+        elif fresh:
+            write_manifest(directory, manifest)
+    if created and directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def write_error(error: OSError, options: EncodeOptions) -> DataPrepError:
+    path = error.filename or options.output
+    return DataPrepError(
+        f"{path}: cannot write ({error.strerror or error}); expected a writable --output "
+        f"directory with free space. Shards finished before this one are kept in "
+        f"{options.output}; fix the cause and run the same command again to resume")
+
+
+def _write_splits(chunks_factory, splits, options, split_settings, extra_manifest,
+                  progress_total, progress_counter) -> tuple[EncodeSummary, dict]:
     start_time = time.perf_counter()
     directory = Path(options.output)
     tokenizer = load_tokenizer(options.tokenizer)

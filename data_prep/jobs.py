@@ -87,7 +87,12 @@ def encode_parallel(options: EncodeOptions, spec: SourceSpec, source: str | None
     target side have equal document counts, so pair j is document j on each side.
     """
     if tsv is None and (source is None or target is None):
-        raise DataPrepError("encode-parallel needs --source and --target, or --tsv")
+        given = [name for name, value in (("--source", source), ("--target", target)) if value]
+        raise DataPrepError("encode-parallel: expected --source and --target (aligned files) "
+                            f"or --tsv, found {' and '.join(given) if given else 'none of them'}")
+    if tsv is not None and (source is not None or target is not None):
+        raise DataPrepError("encode-parallel: expected either --tsv or --source/--target, "
+                            "found both")
     src_path = Path(source) if source else None
     tgt_path = Path(target) if target else None
     tsv_path = Path(tsv) if tsv else None
@@ -96,8 +101,8 @@ def encode_parallel(options: EncodeOptions, spec: SourceSpec, source: str | None
         if counts[src_path] != counts[tgt_path]:
             raise DataPrepError(
                 f"parallel files are misaligned: {src_path} has {counts[src_path]:,} lines, "
-                f"{tgt_path} has {counts[tgt_path]:,}; they must have one sentence per line in "
-                "the same order")
+                f"{tgt_path} has {counts[tgt_path]:,}; expected the same number (one sentence "
+                "per line, in the same order)")
     files = [p for p in (src_path, tgt_path, tsv_path) if p is not None]
     described = SourceSpec([str(p) for p in files], format="text", encoding=spec.encoding,
                            errors=spec.errors).describe()

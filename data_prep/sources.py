@@ -62,10 +62,12 @@ class SourceSpec:
         if fmt != "hub":
             for name in self.inputs:
                 if not Path(name).exists():
-                    raise DataPrepError(f"input {name} does not exist")
+                    raise DataPrepError(f"input {name} does not exist (expected a file or a "
+                                        "dataset directory)")
                 stat = Path(name).stat()
                 if Path(name).is_file() and stat.st_size == 0:
-                    raise DataPrepError(f"input file {name} is empty (0 bytes): nothing to encode")
+                    raise DataPrepError(f"input file {name} is empty: expected text to encode, "
+                                        "found 0 bytes")
                 files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size,
                               "mtime_ns": stat.st_mtime_ns})
         return {"format": fmt, "inputs": files if files else list(self.inputs),
@@ -77,7 +79,8 @@ class SourceSpec:
 def _detect_format(name: str) -> str:
     path = Path(name)
     if not path.exists():
-        raise DataPrepError(f"input {name} does not exist (for a hub dataset pass --format hub)")
+        raise DataPrepError(f"input {name} does not exist (expected a file or a dataset "
+                            "directory; for a hub dataset pass --format hub)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (
                 path / "state.json").exists():
@@ -165,7 +168,8 @@ def _text_line_chunks(path: Path, spec: SourceSpec, stats: ReadStats, chunk_byte
             produced = True
             yield DocChunk(segments, None)
     if not produced:
-        raise DataPrepError(f"input file {path} holds no text (only blank lines)")
+        raise DataPrepError(f"input file {path} holds no text: expected at least one "
+                            "non-blank line, found only blank lines")
 
 
 def iter_documents(spec: SourceSpec, stats: ReadStats) -> Iterator[list[str]]:
@@ -209,7 +213,7 @@ def _open_binary(path: Path):
     with open(path, "rb") as probe:
         magic = probe.read(2)
     if not magic:
-        raise DataPrepError(f"input file {path} is empty (0 bytes): nothing to encode")
+        raise DataPrepError(f"input file {path} is empty: expected text to encode, found 0 bytes")
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
@@ -234,7 +238,8 @@ def _text_documents(path: Path, spec: SourceSpec, stats: ReadStats) -> Iterator[
         produced = True
         yield paragraph
     if not produced:
-        raise DataPrepError(f"input file {path} holds no text (only blank lines)")
+        raise DataPrepError(f"input file {path} holds no text: expected at least one "
+                            "non-blank line, found only blank lines")
 
 
 def _decoded_lines(path: Path, spec: SourceSpec, stats: ReadStats) -> Iterator[str]:
@@ -279,8 +284,9 @@ def _decode_line(raw: bytes, path: Path, line_number: int, spec: SourceSpec,
         return raw.decode(spec.encoding)
     except UnicodeDecodeError as error:
         stats.undecodable_lines += 1
-        where = (f"{path}:{line_number}: byte {raw[error.start:error.start + 1]!r} at column "
-                 f"{error.start} is not valid {spec.encoding}")
+        where = (f"{path}:{line_number}: expected {spec.encoding} text, found byte "
+                 f"{raw[error.start:error.start + 1]!r} at column {error.start}, not valid "
+                 f"{spec.encoding}")
         if spec.errors == "error":
             raise DataPrepError(f"{where}; re-run with --errors replace or --errors skip (counted "
                                 "in the manifest), or --encoding latin-1 if the file is Latin-1"
@@ -324,13 +330,14 @@ def _dataset_texts(spec: SourceSpec, fmt: str, stats: ReadStats) -> Iterator[str
         rows = iter(loaded)
         columns = None
     if columns is not None and spec.field not in columns:
-        raise DataPrepError(f"{source}: no field {spec.field!r}; its fields are {columns} "
-                            "(pass --field)")
+        raise DataPrepError(f"{source}: no field {spec.field!r}; expected it in every row, "
+                            f"found the fields {columns} (pass --field)")
     for row in rows:
         stats.rows += 1
         if spec.field not in row:
-            raise DataPrepError(f"{source}: row {stats.rows} has no field {spec.field!r}; its "
-                                f"fields are {sorted(row)} (pass --field)")
+            raise DataPrepError(f"{source}: row {stats.rows} has no field {spec.field!r}; "
+                                f"expected it in every row, found the fields {sorted(row)} "
+                                "(pass --field)")
         value = row[spec.field]
         if value is None:
             stats.blank_lines += 1

@@ -41,11 +41,17 @@ def parse_yaml(text: str):
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        found = "a directory" if path.is_dir() else "nothing"
+        raise ConfigError(f"{path}: config file not found (expected a YAML file of sections, "
+                          f"found {found})")
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: expected UTF-8 text, found byte "
+                          f"{err.object[err.start:err.start + 1]!r} at offset {err.start}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: expected YAML, found a syntax error: "
+                          f"{' '.join(str(err).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -60,16 +66,30 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected the form section.field=value")
+            missing = "no '='" if not sep else "no field name before '='"
+            raise ConfigError(f"override {item!r}: expected the form section.field=value, "
+                              f"found {missing}")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {item!r}: expected {part!r} to be a section, "
+                                  f"found the value {child!r}")
             node = child
-        node[parts[-1]] = parse_yaml(raw) if raw != "" else ""
+        node[parts[-1]] = _override_value(item, raw)
     return out
+
+
+def _override_value(item: str, raw: str) -> Any:
+    if raw == "":
+        return ""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", "") or err).split())
+        raise ConfigError(f"override {item!r}: expected a YAML value after '=', found {raw!r} "
+                          f"({problem}); quote it to pass a string") from None
 
 
 def reject_unknown_fields(cls: type, values: Mapping[str, Any], source: str,
@@ -91,11 +111,15 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str) -> T:
 
     ``source`` names where the values came from (file and section) for error messages.
     """
-    values = dict(values or {})
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping, found {type(values).__name__}")
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of {cls.__name__} fields, found "
+                          f"{_found(values)}")
+    values = dict(values)
     hints = typing.get_type_hints(cls)
     reject_unknown_fields(cls, values, source)
+    check_field_types(cls, values, source)
     kwargs = {}
     for name, value in values.items():
         nested = _dataclass_type(hints[name])
@@ -106,10 +130,71 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str) -> T:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{source}: {err}") from err
-    except ValueError as err:
-        if isinstance(err, ConfigError):
-            raise
+    except ValueError as err:  # a field's own check; prefixed so the message names the file
         raise ConfigError(f"{source}: {err}") from err
+
+
+def check_field_types(cls: type, values: Mapping[str, Any], source: str) -> None:
+    """Fails on the first value whose type does not fit its field's annotation.
+
+    YAML turns ``steps: ten`` into a string and ``resume: maybe`` into a string that is
+    truthy; without this check such values travel until something far away breaks (or,
+    worse, nothing does). Integers are accepted for float fields; booleans are not numbers.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name, Any)
+        if not _fits(value, hint):
+            raise ConfigError(f"{source}.{name}: expected {_describe(hint)}, found "
+                              f"{_found(value)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any or isinstance(hint, TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, Mapping))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return True  # annotations this checker does not know are left to the field's own check
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               type(None): "null"}
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    if hint in _KIND_NAMES:
+        return _KIND_NAMES[hint]
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return str(hint)
+
+
+def _found(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -22,6 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+class ReportError(ValueError):
+    """A run directory or one of its files that a report cannot be made from."""
+
+
 def read_csv_metric(run_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values of one metric written by DeepSpeed's CSV monitor (last value per step).
 
@@ -31,11 +35,15 @@ def read_csv_metric(run_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         return np.array([]), np.array([])
     values: dict[int, float] = {}
-    for row in path.read_text().splitlines():
+    for number, row in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not row or row.startswith("step,"):
             continue
-        step, value = row.split(",")
-        values[int(step)] = float(value)
+        try:
+            step, value = row.split(",")
+            values[int(step)] = float(value)
+        except ValueError:
+            raise ReportError(f"{path}:{number}: expected 'step,value' (an integer and a "
+                              f"number), found {row[:80]!r}") from None
     steps = np.array(sorted(values))
     return steps, np.array([values[s] for s in steps])
 
@@ -67,10 +75,14 @@ def read_expert_load(run_dir: Path) -> tuple[list[int], list[np.ndarray]]:
     if not path.exists():
         return [], []
     by_step: dict[int, list[list[float]]] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record["layers"]
+            try:
+                record = json.loads(line)
+                by_step[int(record["step"])] = record["layers"]
+            except (ValueError, KeyError, TypeError):
+                raise ReportError(f"{path}:{number}: expected a JSON object with 'step' and "
+                                  f"'layers', found {line[:80]!r}") from None
     steps = sorted(by_step)
     if not steps:
         return [], []
@@ -118,8 +130,14 @@ def write_specialisation(run_dir: Path, out: Path) -> Path | None:
 def make_report(run_dirs: list[Path], out: Path) -> list[Path]:
     missing = [str(d) for d in run_dirs if not (d / "metrics").is_dir()]
     if missing:
-        raise FileNotFoundError(f"not a run directory (no metrics/ written by training): "
-                                f"{', '.join(missing)}")
+        raise ReportError(f"{', '.join(missing)}: expected run directories written by "
+                          "sparse-moe-train (with a metrics/ folder), found none there")
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: expected a directory for the report, found a file")
+    for run_dir in run_dirs:  # read everything first: a bad file must not leave a half report
+        for name in ("train_cross_entropy", "valid_perplexity"):
+            read_csv_metric(run_dir, name)
+        read_expert_load(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_learning_curves(run_dirs, out)]
     for run_dir in run_dirs:
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = make_report(args.runs, args.out or args.runs[0] / "report")
-    except FileNotFoundError as err:
+    except ReportError as err:
         print(f"sparse-moe-report: {err}", file=sys.stderr)
         return 2
     for path in paths:

@@ -12,10 +12,10 @@
 from .corpus import Corpus, CorpusError, SplitData, TokenStream, open_corpus, verify_corpus
 from .indexed import IndexedShard, ShardFormatError, token_dtype
 from .lm import LMBatch, LMBatches
-from .tokenizer import SentencePieceTokenizer, WordTokenizer, load_tokenizer
+from .tokenizer import SentencePieceTokenizer, TokenizerError, WordTokenizer, load_tokenizer
 from .translation import TranslationBatch, TranslationBatches
 
 __all__ = ["Corpus", "CorpusError", "IndexedShard", "LMBatch", "LMBatches",
            "SentencePieceTokenizer", "ShardFormatError", "SplitData", "TokenStream",
-           "TranslationBatch", "TranslationBatches", "WordTokenizer", "load_tokenizer",
+           "TokenizerError", "TranslationBatch", "TranslationBatches", "WordTokenizer", "load_tokenizer",
            "open_corpus", "token_dtype", "verify_corpus"]

@@ -29,24 +29,75 @@ class CorpusError(ValueError):
 def load_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise CorpusError(f"{path} does not exist: not a corpus directory (run `python -m "
-                          "data_prep encode` first)")
+        raise CorpusError(f"{path} does not exist: not a corpus directory (expected the "
+                          "manifest that `python -m data_prep encode` writes, found no such "
+                          "file)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CorpusError(f"{path}: not valid JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorpusError(f"{path}: expected a JSON manifest, found text that is not valid "
+                          f"JSON ({error}); restore it or re-run the encode") from None
+    if not isinstance(manifest, dict):
+        raise CorpusError(f"{path}: expected a JSON object at the top level, found "
+                          f"{type(manifest).__name__}")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise CorpusError(f"{path}: field 'format' is {manifest.get('format')!r}, expected "
                           f"{MANIFEST_FORMAT!r}")
+    _check_manifest_fields(path, manifest)
     return manifest
+
+
+_TOKENIZER_FIELDS = {"file": str, "sha256": str, "vocab_size": int, "eos_id": int, "pad_id": int}
+_SHARD_FIELDS = {"name": str, "documents": int, "sequences": int, "tokens": int,
+                 "bin_bytes": int, "idx_bytes": int, "bin_sha256": str, "idx_sha256": str}
+TOKEN_DTYPES = ("uint16", "int32")
+
+
+def _check_manifest_fields(path: Path, manifest: dict) -> None:
+    """Fails naming the first field that is missing or of the wrong kind.
+
+    A hand-edited or foreign manifest would otherwise fail later with a bare KeyError.
+    """
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CorpusError(f"{path}: field 'version' is {manifest.get('version')!r}, expected "
+                          f"{MANIFEST_VERSION}")
+    if manifest.get("dtype") not in TOKEN_DTYPES:
+        raise CorpusError(f"{path}: field 'dtype' is {manifest.get('dtype')!r}, expected one of "
+                          f"{list(TOKEN_DTYPES)}")
+    _check_fields(path, "tokenizer", manifest.get("tokenizer"), _TOKENIZER_FIELDS)
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise CorpusError(f"{path}: field 'splits' is {splits!r}, expected an object mapping "
+                          "split names to their shards")
+    for name, entry in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            raise CorpusError(f"{path}: field '{where}.shards' is missing, expected a list of "
+                              "shard records")
+        for i, shard in enumerate(entry["shards"]):
+            _check_fields(path, f"{where}.shards[{i}]", shard, _SHARD_FIELDS)
+
+
+def _check_fields(path: Path, where: str, record, fields: dict[str, type]) -> None:
+    if not isinstance(record, dict):
+        raise CorpusError(f"{path}: field '{where}' is {record!r}, expected an object")
+    for key, kind in fields.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CorpusError(f"{path}: field '{where}.{key}' is {value!r}, expected "
+                              f"{'an integer' if kind is int else 'a string'}")
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Atomic: a reader sees the old manifest or the new one, never a torn file."""
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a disk-full write must not leave a torn temp file
+        raise
 
 
 def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
@@ -56,13 +107,15 @@ def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     else:
         sha, vocab, name = tokenizer.sha256, tokenizer.vocab_size, str(tokenizer.path)
     recorded = manifest["tokenizer"]
+    shown = "" if vocab is None else f", vocabulary {vocab}"
     if sha != recorded["sha256"]:
         raise CorpusError(f"{where}: corpus was encoded with tokenizer {recorded['file']} "
-                          f"(sha256 {recorded['sha256'][:16]}..., vocabulary {recorded['vocab_size']}), "
-                          f"but training was given {name} (sha256 {sha[:16]}...)")
+                          f"(sha256 {recorded['sha256'][:16]}..., vocabulary "
+                          f"{recorded['vocab_size']}); expected that tokenizer, but was given "
+                          f"{name} (sha256 {sha[:16]}...{shown})")
     if vocab is not None and vocab != recorded["vocab_size"]:
-        raise CorpusError(f"{where}: vocabulary size {recorded['vocab_size']} in the manifest, "
-                          f"tokenizer {name} has {vocab}")
+        raise CorpusError(f"{where}: field 'tokenizer.vocab_size': expected {vocab} (the size "
+                          f"of {name}), found {recorded['vocab_size']}")
 
 
 def verify_corpus(directory: str | os.PathLike) -> dict[str, list[str]]:
@@ -152,18 +205,21 @@ class Corpus:
     def split(self, name: str) -> SplitData:
         splits = self.manifest["splits"]
         if name not in splits:
-            raise CorpusError(f"{self.directory / MANIFEST_NAME}: no split {name!r}; it has "
-                              f"{sorted(splits)}")
+            raise CorpusError(f"{self.directory / MANIFEST_NAME}: no split {name!r}; expected "
+                              f"one of {sorted(splits)}, found {name!r}")
         entry = splits[name]
         if not entry.get("complete"):
-            raise CorpusError(f"{self.directory}: split {name!r} is incomplete (its encode was "
+            raise CorpusError(f"{self.directory / MANIFEST_NAME}: split {name!r} is incomplete: "
+                              f"expected 'complete': true, found false after "
+                              f"{len(entry['shards'])} finished shard(s) (its encode was "
                               "interrupted); re-run the same encode command to finish it")
         shards = []
         for shard in entry["shards"]:
             opened = IndexedShard(self.directory / shard["name"])
             if len(opened.tokens) != shard["tokens"]:
-                raise CorpusError(f"{self.directory / shard['name']}.bin: {len(opened.tokens)} "
-                                  f"tokens, manifest says {shard['tokens']}")
+                raise CorpusError(f"{self.directory / shard['name']}.bin: expected "
+                                  f"{shard['tokens']} tokens (as the manifest says), found "
+                                  f"{len(opened.tokens)}")
             shards.append(opened)
         return SplitData(name, shards, entry)
 

@@ -19,6 +19,7 @@ A sequence is one encoded segment (a line); a document is a run of consecutive s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -78,7 +79,8 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.bin_tmp = self.prefix.with_name(self.prefix.name + ".bin.tmp")
         self.idx_tmp = self.prefix.with_name(self.prefix.name + ".idx.tmp")
-        self._bin = open(self.bin_tmp, "wb")
+        with _naming(self.bin_tmp):
+            self._bin = open(self.bin_tmp, "wb")
         self._digest = hashlib.sha256()
         self._lengths: list[np.ndarray] = []
         self._docs: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
@@ -90,7 +92,8 @@ class ShardWriter:
                       sequences_per_document: np.ndarray) -> None:
         """Appends whole documents: their tokens, per-sequence lengths, sequences per document."""
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        self._bin.write(data)
+        with _naming(self.bin_tmp):
+            self._bin.write(data)
         self._digest.update(data)
         self._lengths.append(np.asarray(sequence_lengths, dtype=np.int32))
         ends = self.sequences + np.cumsum(sequences_per_document, dtype=np.int64)
@@ -101,12 +104,13 @@ class ShardWriter:
 
     def finish(self) -> dict:
         """Writes the index, checks both files on disk, renames them; returns the shard record."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        with _naming(self.bin_tmp):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         index = encode_index(self.dtype, lengths, np.concatenate(self._docs))
-        with open(self.idx_tmp, "wb") as handle:
+        with _naming(self.idx_tmp), open(self.idx_tmp, "wb") as handle:
             handle.write(index)
             handle.flush()
             os.fsync(handle.fileno())
@@ -125,9 +129,23 @@ class ShardWriter:
         return record
 
     def abandon(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # a full disk fails the final flush too; the file is removed anyway
         for path in (self.bin_tmp, self.idx_tmp):
             path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Adds the file name to an OSError that lacks one (a failed write() on a full disk)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def read_index(path: str | os.PathLike) -> dict:
@@ -204,7 +222,9 @@ class IndexedShard:
         expected = int(self.sequence_lengths.sum()) * self.dtype.itemsize
         size = bin_path.stat().st_size
         if size != expected:
-            raise ShardFormatError(f"{bin_path}: {size} bytes, the index describes {expected}")
+            raise ShardFormatError(f"{bin_path}: {size} bytes, the index describes {expected}: "
+                                   f"expected {expected} bytes, found {size} (truncated or "
+                                   "overwritten?)")
         self.tokens: np.ndarray = (np.memmap(bin_path, dtype=self.dtype, mode="r") if size
                                    else np.zeros(0, self.dtype))
 

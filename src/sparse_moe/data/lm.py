@@ -62,7 +62,9 @@ class LMBatches:
         self._order: tuple[int, np.ndarray] | None = None
         if len(self) == 0:
             raise ValueError(f"split {split.name!r} has {len(self.stream)} tokens: too few for one "
-                             f"batch of {batch_size} x {seq_len + 1} on {world_size} rank(s)")
+                             f"batch of {batch_size} x {seq_len + 1} on {world_size} rank(s); "
+                             f"expected at least {batch_size * world_size * (seq_len + 1)} "
+                             f"tokens, found {len(self.stream)}")
 
     # ---------------------------------------------------------------- geometry
     @property

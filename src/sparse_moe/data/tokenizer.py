@@ -14,6 +14,10 @@ from .indexed import sha256_file
 WORD_SPECIALS = ("<S>", "</S>", "<UNK>")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing, unreadable, or not the kind its name says."""
+
+
 class Tokenizer(Protocol):
     kind: str
     path: Path
@@ -47,7 +51,14 @@ class SentencePieceTokenizer(_Identity):
 
         self.path = Path(path).resolve()
         self.sha256 = sha256_file(self.path)
-        self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as error:  # SentencePiece's parse failure
+            size = self.path.stat().st_size
+            raise TokenizerError(
+                f"{self.path}: expected a SentencePiece model (a serialized ModelProto), found "
+                f"{size} bytes that SentencePiece cannot load ({' '.join(str(error).split())})"
+            ) from None
         self.vocab_size = self.processor.get_piece_size()
         self.eos_id = self.processor.eos_id()
         self.bos_id = self.processor.bos_id()
@@ -72,13 +83,21 @@ class WordTokenizer(_Identity):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).resolve()
         self.sha256 = sha256_file(self.path)
-        words = [line.split("\t")[0] for line in
-                 self.path.read_text(encoding="utf-8").splitlines() if line]
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise TokenizerError(
+                f"{self.path}: expected a word vocabulary in UTF-8 (one word per line) or a "
+                f"SentencePiece .model file, found byte {error.object[error.start:error.start + 1]!r} "
+                f"at offset {error.start} that is not UTF-8") from None
+        words = [line.split("\t")[0] for line in text.splitlines() if line]
         self.words = words
         self.ids = {word: i for i, word in enumerate(words)}
         missing = [s for s in WORD_SPECIALS if s not in self.ids]
         if missing:
-            raise ValueError(f"{self.path}: word vocabulary lacks the special entries {missing}")
+            raise TokenizerError(f"{self.path}: expected a word vocabulary with the special "
+                                 f"entries {list(WORD_SPECIALS)}, found it without {missing} "
+                                 f"({len(words)} entries)")
         self.vocab_size = len(words)
         self.bos_id, self.eos_id, self.unk_id = (self.ids[s] for s in WORD_SPECIALS)
         self.pad_id = -1
@@ -95,7 +114,9 @@ def load_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | WordToke
     """A SentencePiece ``.model`` file, or a word vocabulary (any other file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        found = "a directory" if path.is_dir() else "nothing"
+        raise TokenizerError(f"tokenizer file {path} does not exist (expected a SentencePiece "
+                             f".model file or a word vocabulary, found {found})")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     return WordTokenizer(path)

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         from sparse_moe.train.config import load_train_config
 
         config = load_train_config(args.config, overrides)
+        check_inputs(config, str(args.config or "command line"))
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
         summary = Trainer(config).run()
@@ -42,7 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sparse-moe-train: configuration error: {err}", file=sys.stderr)
         return 2
+    except input_errors() as err:
+        print(f"sparse-moe-train: input error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def check_inputs(config, source: str) -> None:
+    """Corpus, tokenizer, model, DeepSpeed config and checkpoint, before anything is written."""
+    from sparse_moe.train.preflight import check_run, world_size_from_environment
+
+    check_run(config, source, world_size_from_environment())
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (shown as one line), not a bug (shown as a traceback)."""
+    from sparse_moe.data import CorpusError, ShardFormatError, TokenizerError
+    from sparse_moe.train.preflight import CheckpointError
+
+    return CorpusError, ShardFormatError, TokenizerError, CheckpointError
 
 
 if __name__ == "__main__":

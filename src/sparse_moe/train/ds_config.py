@@ -19,11 +19,17 @@ from sparse_moe.train.config import TrainConfig
 def load_ds_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"deepspeed.config: DeepSpeed config {path} not found")
+        raise ConfigError(f"deepspeed.config: expected a DeepSpeed JSON file (see ds_configs/), "
+                          f"found no file {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from err
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: expected a DeepSpeed JSON config, found text that is not "
+                          f"valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of DeepSpeed settings, found "
+                          f"{type(values).__name__}")
+    return values
 
 
 def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path) -> dict[str, Any]:
@@ -70,3 +76,25 @@ def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> Non
         # A job id read from YAML is an int; DeepSpeed's wandb config wants a string.
         ds["wandb"] = {"enabled": True, "project": tracking.project,
                        "group": None if group is None else str(group)}
+
+
+def check_precision_supported(ds: dict[str, Any], config: TrainConfig) -> None:
+    """Refuses a precision this machine's accelerator lacks, before anything is written.
+
+    DeepSpeed finds out only inside ``deepspeed.initialize``, after the run directory was
+    written, with a message that names neither the setting nor where it came from. Kept
+    apart from ``build_ds_config`` so a GPU job's config can still be built on a CPU host.
+    """
+    section = config.deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for name, supported in (("fp16", accelerator.is_fp16_supported),
+                            ("bf16", accelerator.is_bf16_supported)):
+        enabled = isinstance(ds.get(name), dict) and ds[name].get("enabled") is True
+        if enabled and not supported():
+            where = ("deepspeed.precision" if section.precision is not None
+                     else f"{section.config}: {name}.enabled")
+            raise ConfigError(
+                f"{where}: {name} is not supported on the {accelerator.device_name()} "
+                f"accelerator; expected fp32 or a precision it supports, found {name}")

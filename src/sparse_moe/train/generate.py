@@ -18,10 +18,12 @@ import deepspeed
 import torch
 
 from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_yaml
-from sparse_moe.data import load_tokenizer, open_corpus
+from sparse_moe.data import CorpusError, TokenizerError, load_tokenizer, open_corpus
 from sparse_moe.models.decoding import sample_text
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import init_distributed
+from sparse_moe.train.preflight import (CheckpointError, check_checkpoint, checkpoint_tags,
+                                        model_config)
 from sparse_moe.train.tasks import LanguageModelTask, make_task
 from sparse_moe.train.trainer import CHECKPOINT_DIR, shard_model_experts
 
@@ -34,13 +36,22 @@ def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[st
     used by ``task.evaluate``.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: expected a run directory written by sparse-moe-train, "
+                          "found no directory")
     values = apply_overrides(load_yaml(run_dir / "config.yaml"), overrides or [])
-    values["parallel"] = {**values.get("parallel", {}), "ep_size": 1}
+    values["parallel"] = {**(values.get("parallel") or {}), "ep_size": 1}
     config = from_dict(TrainConfig, values, str(run_dir / "config.yaml"))
-    device = init_distributed()
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=1)
+    model_config(config, corpus, task, str(run_dir / "config.yaml"))
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    tag = check_checkpoint(checkpoint_dir, tag, config, resume=False)
+    if tag is None:
+        raise CheckpointError(f"{checkpoint_dir}: expected a checkpoint (a 'latest' file and "
+                              f"its tag directory), found {checkpoint_tags(checkpoint_dir) or 'none'}")
+    device = init_distributed()
     model = task.build_model()
     shard_model_experts(model, config)
     engine, *_ = deepspeed.initialize(model=model.to(device), config={
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         engine, task, tokenizer, _ = load_trained(args.run_dir, args.tag)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, TokenizerError, CheckpointError) as err:
         print(f"sparse-moe-generate: {err}", file=sys.stderr)
         return 2
     if not isinstance(task, LanguageModelTask) or tokenizer is None:

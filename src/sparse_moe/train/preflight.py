@@ -1,0 +1,209 @@
+"""Checks of a run's inputs made before any process group, run directory or engine exists.
+
+The trainer meets most of these problems too, but later: after it wrote the run directory,
+after DeepSpeed started, and often as a library's traceback (a state-dict size mismatch, a
+bare ``AssertionError`` from the checkpoint loader). Checked here first, each one is a message
+that names the file or field, what was expected and what was found, and nothing is written.
+Every rank runs the same checks on the same files, so all ranks stop with the same message.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from sparse_moe.config_io import ConfigError, check_field_types, to_dict
+from sparse_moe.data import Corpus, load_tokenizer, open_corpus
+from sparse_moe.models import LMConfig, TranslationConfig, lm_preset, translation_preset
+from sparse_moe.train.config import TrainConfig
+from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
+from sparse_moe.train.tasks import TranslationTask, _model_values, make_task
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded into this run as it is configured."""
+
+
+def check_run(config: TrainConfig, source: str, world_size: int) -> None:
+    """Everything ``Trainer(config)`` needs that can be checked in one process, cheaply.
+
+    ``source`` names the config (its file, or "command line") in messages.
+    """
+    if config.parallel.ep_size > world_size or world_size % config.parallel.ep_size:
+        raise ConfigError(f"{source}: parallel.ep_size: expected a divisor of the world size "
+                          f"{world_size}, found {config.parallel.ep_size}")
+    tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
+    corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
+    task = make_task(config, corpus, tokenizer, rank=0, world=world_size)
+    model_config(config, corpus, task, source)
+    try:
+        task.train_reader()
+    except ValueError as error:
+        raise ConfigError(f"{source}: data.train_split {config.data.train_split!r} of "
+                          f"{corpus.directory}: {error}") from None
+    ds = build_ds_config(config, world_size, Path(config.run.dir))
+    check_precision_supported(ds, config)
+    if config.run.resume:
+        check_checkpoint(Path(config.run.dir) / "checkpoints", None, config, resume=True)
+
+
+def model_config(config: TrainConfig, corpus: Corpus, task: Any,
+                 source: str) -> LMConfig | TranslationConfig:
+    """The model's config as the task will build it (preset, then ``model.overrides``)."""
+    where = f"{source}: model.overrides"
+    try:
+        if isinstance(task, TranslationTask):
+            base = translation_preset(config.model.preset, corpus.vocab_size).to_dict()
+            values = _model_values(config, base, vocab_size=corpus.vocab_size,
+                                   pad_id=corpus.pad_id, bos_id=task.bos_id,
+                                   eos_id=corpus.eos_id)
+            check_field_types(TranslationConfig, values, where)
+            return TranslationConfig.from_dict(values, source=where)
+        base = lm_preset(config.model.preset, corpus.vocab_size).to_dict()
+        values = _model_values(config, base, vocab_size=corpus.vocab_size)
+        check_field_types(LMConfig, values, where)
+        return LMConfig.from_dict(values, source=where)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def checkpoint_tags(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+
+def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
+                     resume: bool) -> str | None:
+    """The tag that will be loaded, after checking its files fit ``config``; None: none saved.
+
+    ``resume`` also checks what resuming needs beyond the weights: the optimizer state of
+    every expert-parallel rank, which only loads into the same ``parallel.ep_size``.
+    """
+    tags = checkpoint_tags(directory)
+    if tag is None:
+        latest = directory / "latest"
+        if not latest.exists():
+            return None
+        tag = latest.read_bytes().decode("utf-8", errors="replace").strip()
+        if not tag or tag not in tags:
+            raise CheckpointError(
+                f"{latest}: expected the tag of a checkpoint in {directory} "
+                f"({', '.join(tags) or 'there are none'}), found {tag!r}; write the tag to "
+                "resume from into it, or remove it to start from step 0")
+    elif tag not in tags:
+        raise CheckpointError(f"--tag: expected one of {tags or 'none'} in {directory}, "
+                              f"found {tag!r}")
+    saved = _load_model_states(directory / tag)
+    _check_same_model(directory / tag / MODEL_STATES, saved, config)
+    _check_expert_files(directory, tag, saved)
+    if resume:
+        _check_expert_layout(directory / tag, saved, config)
+    return tag
+
+
+def _load_model_states(folder: Path) -> dict[str, Any]:
+    import torch
+
+    path = folder / MODEL_STATES
+    if not path.is_file():
+        present = sorted(p.name for p in folder.iterdir())
+        raise CheckpointError(f"{path}: expected DeepSpeed's model states file in every "
+                              f"checkpoint, found only {present[:5] or 'an empty directory'}")
+    _check_zip(path)
+    try:
+        # Memory-mapped: the tensors are not read, only the client state and the layout.
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"{path}: expected a DeepSpeed checkpoint file, found "
+                              f"{path.stat().st_size} bytes that torch cannot load "
+                              f"({type(error).__name__}: {error})") from None
+    if not isinstance(saved, dict) or "module" not in saved:
+        raise CheckpointError(f"{path}: expected a DeepSpeed model states dict with 'module', "
+                              f"found {type(saved).__name__}")
+    return saved
+
+
+def _check_zip(path: Path) -> None:
+    """torch.save writes a zip archive; a truncated or overwritten file is not one any more."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: expected a checkpoint file saved by torch (a zip "
+                              f"archive), found {path.stat().st_size} bytes that are not one "
+                              "(truncated or overwritten?)")
+
+
+def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig) -> None:
+    """The checkpoint's model section (saved by the trainer) must equal this run's."""
+    recorded = (saved.get("config") or {}).get("model")
+    if recorded is None:
+        return  # not written by this trainer: DeepSpeed's own checks are all there is
+    current = to_dict(config)["model"]
+    differences = _differences(recorded, current, "model")
+    if differences:
+        raise CheckpointError(
+            f"{path}: written by a different model; "
+            + "; ".join(f"{key}: expected {_shown(old)} (as in the checkpoint), found "
+                        f"{_shown(new)}"
+                        for key, old, new in differences[:5])
+            + ". Use the checkpoint's model settings or another run.dir")
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is None else repr(value)
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _check_expert_files(directory: Path, tag: str, saved: dict[str, Any]) -> None:
+    """One file per global expert of every MoE layer, under DeepSpeed's own naming."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    expected = [Path(DeepSpeedEngine._get_expert_ckpt_name(str(directory), layer, expert, tag))
+                for layer, count in enumerate(saved.get("num_experts") or [])
+                for expert in range(count)]
+    missing = [p.name for p in expected if not p.is_file()]
+    if not missing:
+        for path in expected:
+            _check_zip(path)
+    if missing:
+        raise CheckpointError(
+            f"{directory / tag}: expected {len(expected)} expert files (one per expert of "
+            f"each MoE layer: {saved.get('num_experts')}), found {len(expected) - len(missing)}; "
+            f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+
+
+def _check_expert_layout(folder: Path, saved: dict[str, Any], config: TrainConfig) -> None:
+    recorded = ((saved.get("config") or {}).get("parallel") or {}).get("ep_size")
+    if recorded is not None and recorded != config.parallel.ep_size:
+        raise CheckpointError(
+            f"{folder}: parallel.ep_size: expected {recorded} to resume (the checkpoint's "
+            f"optimizer state is split over {recorded} expert-parallel ranks), found "
+            f"{config.parallel.ep_size}; resume with parallel.ep_size={recorded}")
+    zero_stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    if saved.get("num_experts") and not zero_stage:  # ZeRO keeps optimizer state in its shards
+        expected = [folder / f"expp_rank_{r}_mp_rank_00_optim_states.pt"
+                    for r in range(config.parallel.ep_size)]
+        missing = [p.name for p in expected if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: expected the optimizer states of "
+                                  f"{len(expected)} expert-parallel rank(s), found "
+                                  f"{len(expected) - len(missing)}; missing {missing}")
+
+
+def world_size_from_environment() -> int:
+    """The world size the launcher set (1 for a plain ``python -m sparse_moe.train``)."""
+    from sparse_moe.train.distributed import fill_launcher_environment
+
+    fill_launcher_environment()
+    return int(os.environ.get("WORLD_SIZE", "1"))
