@@ -222,9 +222,8 @@ class IndexedShard:
         expected = int(self.sequence_lengths.sum()) * self.dtype.itemsize
         size = bin_path.stat().st_size
         if size != expected:
-            raise ShardFormatError(f"{bin_path}: {size} bytes, the index describes {expected}: "
-                                   f"expected {expected} bytes, found {size} (truncated or "
-                                   "overwritten?)")
+            raise ShardFormatError(f"{bin_path}: expected {expected} bytes (as its index "
+                                   f"describes), found {size} (truncated or overwritten?)")
         self.tokens: np.ndarray = (np.memmap(bin_path, dtype=self.dtype, mode="r") if size
                                    else np.zeros(0, self.dtype))
 

@@ -96,8 +96,8 @@ class WordTokenizer(_Identity):
         missing = [s for s in WORD_SPECIALS if s not in self.ids]
         if missing:
             raise TokenizerError(f"{self.path}: expected a word vocabulary with the special "
-                                 f"entries {list(WORD_SPECIALS)}, found it without {missing} "
-                                 f"({len(words)} entries)")
+                                 f"entries {list(WORD_SPECIALS)}, found {len(words)} entries "
+                                 f"without {missing}")
         self.vocab_size = len(words)
         self.bos_id, self.eos_id, self.unk_id = (self.ids[s] for s in WORD_SPECIALS)
         self.pad_id = -1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_moe.config_io import ConfigError, check_field_types, to_dict
-from sparse_moe.data import Corpus, load_tokenizer, open_corpus
+from sparse_moe.data import Corpus, CorpusError, ShardFormatError, load_tokenizer, open_corpus
 from sparse_moe.models import LMConfig, TranslationConfig, lm_preset, translation_preset
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
@@ -42,6 +42,8 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     model_config(config, corpus, task, source)
     try:
         task.train_reader()
+    except (CorpusError, ShardFormatError):
+        raise
     except ValueError as error:
         raise ConfigError(f"{source}: data.train_split {config.data.train_split!r} of "
                           f"{corpus.directory}: {error}") from None
