@@ -37,12 +37,20 @@ class RunConfig:
     keep_last: int = 2
     resume: bool = False
     progress: bool = True
+    # A collective waiting longer than this ends the run with an error (a dead or hung rank).
+    collective_timeout_minutes: float = 30.0
+    # Steps in a row with a NaN/Inf loss or gradient (each skipped) before the run stops.
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "keep_last"):
+        for name in ("steps", "log_every", "keep_last", "max_nonfinite_steps"):
             _positive(self, name)
         for name in ("eval_every", "eval_batches", "save_every"):
             _non_negative(self, name)
+        timeout = self.collective_timeout_minutes
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"RunConfig.collective_timeout_minutes: expected a positive number "
+                              f"of minutes, found {timeout!r}")
 
 
 @dataclass

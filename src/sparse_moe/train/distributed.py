@@ -8,11 +8,15 @@ derived from Slurm's variables; a plain ``python -m sparse_moe.train`` is a worl
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+import time
+import uuid
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from sparse_moe.parallel.startup import init_deepspeed_distributed
 
@@ -65,3 +69,67 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
         device, backend = torch.device("cpu"), "gloo"
     init_deepspeed_distributed(backend, timeout=timedelta(minutes=timeout_minutes))
     return device
+
+
+# Texts by which gloo, NCCL and the c10d store report a peer that went away or a timeout.
+_COLLECTIVE_FAILURE_TEXTS = ("connection closed by peer", "connection reset by peer",
+                             "broken pipe", "timed out", "timeout", "gloo", "nccl",
+                             "socket", "connection refused")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether an exception is a collective (or its store) failing, not a bug in the step."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(t in text for t in _COLLECTIVE_FAILURE_TEXTS)
+
+
+def roll_call_key() -> str:
+    """A key prefix for :func:`answering_ranks`, the same on every rank (one broadcast)."""
+    key = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(key, src=0)
+    return f"sparse_moe/roll_call/{key[0]}"
+
+
+def answering_ranks(prefix: str, wait_seconds: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that answer on the rendezvous store within the wait.
+
+    Every surviving rank that fails calls this, so a rank that never answers died or hung.
+    The store is torchrun's agent (which outlives its workers) or, under other launchers, rank
+    0. Returns None when the store cannot be reached (rank 0 serving it may be the dead one).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=wait_seconds))
+        store.set(f"{prefix}/{rank}", "1")
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            alive = [r for r in range(world) if store.check([f"{prefix}/{r}"])]
+            if len(alive) == world or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.2)
+    except (RuntimeError, KeyError, ValueError, OSError):
+        return None
+
+
+def describe_collective_failure(err: BaseException, phase: str, timeout_minutes: float,
+                                roll_call: str | None) -> str:
+    """One paragraph: this rank, the phase and its collectives, the peers, the timeout."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    detail = next((line.strip() for line in str(err).splitlines() if line.strip()), repr(err))
+    detail = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", detail)  # gloo's source location
+    detail = detail.split(" This is typically caused")[0]
+    alive = answering_ranks(roll_call) if roll_call else None
+    if alive is None:
+        peers = ("the rendezvous store did not answer, so which rank failed is unknown "
+                 "(rank 0 serves it under launchers other than torchrun)")
+    else:
+        missing = sorted(set(range(world)) - set(alive))
+        peers = (f"rank(s) {missing} did not answer on the rendezvous store: dead or hung"
+                 if missing else "every rank answered on the rendezvous store")
+    return (f"rank {rank} of {world}: a collective failed during {phase}: {detail}. {peers}. "
+            f"Collectives time out after {timeout_minutes:g} min "
+            f"(run.collective_timeout_minutes). Stopping this rank; restart the job with "
+            f"run.resume=true to continue from the last checkpoint.")

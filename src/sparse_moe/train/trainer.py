@@ -9,13 +9,19 @@ checkpoint files and the wandb/CSV monitors.
 Exact resumption: every micro-step reseeds the RNG from (seed, step, micro-step, rank), and a
 checkpoint records the step and the data reader's position, so a resumed run draws the same
 batches, dropout masks and gating noise as a run that never stopped.
+
+Faults (docs/reliability.md): checkpoints are committed atomically (checkpointing.py), steps
+with a NaN/Inf loss or gradient are skipped and a run of them stops training (nonfinite.py), a
+failed or timed-out collective ends every surviving rank with a message naming the phase and
+the ranks that stopped answering, and a preemption signal to any rank saves at the next step
+boundary.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -38,9 +44,14 @@ from sparse_moe.optim import build_optimizer, build_scheduler
 from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelDispatcher,
                                  create_expert_parallel_groups, moe_param_groups, routing_metrics,
                                  shard_experts)
+from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
-from sparse_moe.train.distributed import init_distributed
+from sparse_moe.train.distributed import (describe_collective_failure, init_distributed,
+                                          is_collective_failure, roll_call_key)
 from sparse_moe.train.ds_config import build_ds_config
+from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
+from sparse_moe.train.fault_injection import FaultInjection
+from sparse_moe.train.nonfinite import NonFiniteGuard
 from sparse_moe.train.tasks import IGNORE, make_task
 
 CHECKPOINT_DIR = "checkpoints"
@@ -114,8 +125,11 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.preemption = PreemptionFlag()  # before start-up: a signal then is not lost
-        self.device = init_distributed()
+        self.phase = "start-up"
+        self.device = init_distributed(config.run.collective_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.roll_call = roll_call_key()
+        self.faults = FaultInjection.from_environment(self.rank)
         self.run_dir = Path(config.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         if config.parallel.ep_size > self.world or self.world % config.parallel.ep_size:
@@ -128,8 +142,11 @@ class Trainer:
         self.model = self.task.build_model()
         self.dispatchers = shard_model_experts(self.model, config)
         self.engine = self._initialize_engine()
+        self.writer = RecordingWriter(self.engine.checkpoint_engine, self.faults)
         self.batches = self.task.train_reader()
         self.step = 0
+        self.nonfinite_streak = 0
+        self.save_due = False
         self.history: list[dict[str, float]] = []
         self.preemption.install()
         if self.rank == 0:
@@ -140,7 +157,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             id_file = self.run_dir / "wandb_run_id"
             if not id_file.exists():
                 atomic_write_text(id_file, uuid.uuid4().hex[:12])
@@ -163,18 +180,26 @@ class Trainer:
         self.model.to(self.device)
         optimizer = build_optimizer(moe_param_groups(self.model), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.schedule)
+        self.guard = NonFiniteGuard(optimizer)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
+        if engine.optimizer is not optimizer:
+            self.guard.disable()  # DeepSpeed's wrapper (ZeRO, bf16, fp16) skips bad steps itself
+        # fp16 overflows are the loss scaler's business; only a non-finite loss counts there.
+        self.fp16 = engine.fp16_enabled()
         return engine
 
     def _resume(self) -> None:
-        if not (self.checkpoint_dir / "latest").exists():
+        self.phase = "resuming"
+        tag = read_latest(self.checkpoint_dir)
+        if tag is None:
             if self.rank == 0:
                 print(f"run.resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return
-        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir))
+        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"could not load the latest checkpoint in {self.checkpoint_dir}")
+            raise TrainingAborted(f"run.resume: {self.checkpoint_dir / 'latest'} names {tag}, but "
+                                  f"{self.checkpoint_dir / tag} holds no loadable checkpoint")
         self.step = int(client["step"])
         self.batches.load_state_dict(client["data"])
         if self.rank == 0:
@@ -187,6 +212,26 @@ class Trainer:
             yield from self.batches
 
     def run(self) -> dict[str, Any]:
+        """Trains to ``run.steps``; a fault ends it with :class:`TrainingAborted` (see errors.py)."""
+        try:
+            return self._run()
+        except TrainingAborted as err:
+            self._report(err, every_rank=isinstance(err, CollectiveFailure))
+            raise
+        except Exception as err:
+            if not is_collective_failure(err):
+                raise
+            failure = CollectiveFailure(describe_collective_failure(
+                err, self.phase, self.config.run.collective_timeout_minutes, self.roll_call))
+            self._report(failure, every_rank=True)
+            raise failure from err
+
+    def _report(self, err: TrainingAborted, every_rank: bool) -> None:
+        """The error's message on stderr, before the traceback, once (or once per rank)."""
+        if every_rank or self.rank == 0:
+            print(f"sparse-moe-train: error: {err}", file=sys.stderr, flush=True)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config.run
         batches = self._forever()
         # Outside a terminal (Slurm logs, CI) a bar redrawn every 0.1 s floods the log file.
@@ -195,8 +240,11 @@ class Trainer:
                         desc="train", unit="step", dynamic_ncols=True, mininterval=interval)
         started, window_start, window_tokens = time.time(), time.time(), 0.0
         while self.step < cfg.steps:
+            self.phase = (f"step {self.step + 1} (forward, MoE all-to-all, backward, gradient "
+                          "all-reduce, optimizer step, metrics all-reduce)")
             metrics = self._train_step(batches)
             self.step += 1
+            skipped = metrics.pop("step_skipped") > 0
             window_tokens += metrics.pop("tokens")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.time() - window_start
@@ -207,10 +255,14 @@ class Trainer:
                                      tok_s=f"{metrics['tokens_per_second']:.0f}")
                 window_start, window_tokens = time.time(), 0.0
             progress.update(1)
+            self._count_nonfinite(metrics["loss"], skipped)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._log(self.evaluate())
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save()
+                self.save_due = True
+            if self.save_due and self.nonfinite_streak == 0:
+                self.save()  # postponed while steps are being skipped: keep the last good one
+            self.phase = f"the preemption agreement after step {self.step}"
             if self.preemption.agreed():
                 progress.close()
                 return self._stop_for_preemption()
@@ -234,6 +286,7 @@ class Trainer:
         ``<run>/preempted.json`` is what job scripts test to requeue; the status is 75 too.
         """
         self.save()
+        self.phase = "the barrier after the preemption save"
         if self.rank == 0:
             signame = (signal.Signals(self.preemption.received).name
                        if self.preemption.received else "a signal on another rank")
@@ -256,10 +309,16 @@ class Trainer:
             inputs, targets = self.task.model_inputs(batch, self.device)
             output = engine(*inputs)
             parts = compose_loss(output, targets, ignore_index=IGNORE)
-            engine.backward(parts.total)
+            loss = parts.total
+            if self.faults.poison_loss(self.step + 1):
+                loss = loss * float("nan")
+            self.guard.note_loss(loss)
+            engine.backward(loss)
             engine.step()
             for key, value in parts.scalars().items():
                 sums[key] = sums.get(key, 0.0) + value
+            if loss is not parts.total:
+                sums["loss"] = float("nan")  # the injected fault shows in the logged loss
             tokens += float((targets != IGNORE).sum())
             layer_counts = [o.counts.detach().float() for o in output.moe_outputs]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
@@ -267,6 +326,8 @@ class Trainer:
         metrics = self._average_over_ranks(metrics)
         metrics["tokens"] = tokens * self.world  # every rank's batch, for tokens/s
         metrics["lr"] = engine.get_lr()[0]
+        metrics["skipped_steps"] = float(engine.skipped_steps)
+        metrics["step_skipped"] = 0.0 if engine.was_step_applied() else 1.0
         for i, layer in enumerate(counts or []):
             metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
         metrics.update(self._dispatch_metrics())
@@ -296,9 +357,35 @@ class Trainer:
         dist.all_reduce(values)
         return {k: float(v) / self.world for k, v in zip(keys, values)}
 
+    def _count_nonfinite(self, loss: float, skipped: bool) -> None:
+        """Counts steps in a row with a non-finite loss or a skipped update; stops at the limit.
+
+        The loss is averaged over ranks, so a NaN on any rank is a NaN on all: every rank
+        counts the same. Under fp16 a skipped update is the loss scaler's overflow, which is
+        routine and handled by DeepSpeed, so only a non-finite loss counts there.
+        """
+        bad = not math.isfinite(loss) or (skipped and not self.fp16)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
+        limit = self.config.run.max_nonfinite_steps
+        if bad and self.rank == 0:
+            print(f"step {self.step}: non-finite loss or gradient (loss {loss}); the "
+                  f"update was {'skipped' if skipped else 'applied'} "
+                  f"({self.nonfinite_streak} in a row, limit {limit})", file=sys.stderr, flush=True)
+        if self.nonfinite_streak >= limit:
+            first = self.step - self.nonfinite_streak + 1
+            latest = read_latest(self.checkpoint_dir)
+            kept = (f"the last checkpoint, {self.checkpoint_dir / latest}, was saved before them"
+                    if latest else "no checkpoint was saved")
+            raise NonFiniteLimitError(
+                f"steps {first} to {self.step}: {self.nonfinite_streak} steps in a row had a "
+                f"non-finite loss or gradient (run.max_nonfinite_steps={limit}); each was skipped, "
+                f"so the parameters are those after step {first - 1}, and {kept}. Lower the "
+                "learning rate or check the data, then resume with run.resume=true")
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation (perplexity; BLEU for translation) over every rank's share."""
+        self.phase = f"evaluation after step {self.step}"
         self.engine.eval()
         results = self.task.evaluate(self.engine, self.device, self.run_dir)
         self.engine.train()
@@ -353,15 +440,14 @@ class Trainer:
                               json.dumps({"split": split, "layer": 0, "tokens": rows}, indent=1))
 
     def save(self) -> None:
+        """A checkpoint of this step, visible through ``latest`` only once complete on every rank."""
+        self.phase = f"saving the checkpoint of step {self.step}"
         client = {"step": self.step, "data": self.batches.state_dict(),
                   "wandb_run_id": self.wandb_run_id, "seed": self.config.run.seed,
                   "config": to_dict(self.config)}
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=f"step_{self.step:08d}",
-                                    client_state=client)
-        dist.barrier()
-        if self.rank == 0:
-            prune_checkpoints(self.checkpoint_dir, self.config.run.keep_last)
-        dist.barrier()
+        save_checkpoint(self.engine, self.writer, self.checkpoint_dir, self.step, client,
+                        self.config.run.keep_last)
+        self.save_due = False
 
 
 def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -408,15 +494,6 @@ def token_text(tokenizer, token: int) -> str:
     if processor is not None:
         return processor.id_to_piece(token)
     return tokenizer.decode([token])
-
-
-def prune_checkpoints(directory: Path, keep_last: int) -> None:
-    """Deletes all but the newest ``keep_last`` ``step_*`` checkpoints (never ``latest``'s)."""
-    latest = (directory / "latest").read_text().strip() if (directory / "latest").exists() else None
-    tags = sorted(p for p in directory.glob("step_*") if p.is_dir())
-    for old in tags[:-keep_last]:
-        if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:

@@ -1,0 +1,65 @@
+"""Faults a training run can inject into itself, for the crash-safety tests.
+
+Read from the environment, so that a test can start real ``torchrun`` processes and still
+choose where they fail. Unset variables inject nothing; production runs never set them.
+
+    SPARSE_MOE_TRAIN_FAULT_RANKS=1          the ranks that inject (comma list; default: all)
+    SPARSE_MOE_TRAIN_FAULT_NAN_STEPS=3,5    multiply the loss by NaN at these steps (1-based)
+    SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY=0.2   sleep this many seconds after every checkpoint file,
+                                            widening the window in which a kill hits a save
+    SPARSE_MOE_TRAIN_FAULT_ENOSPC_SAVE=2    the 2nd checkpoint save of this process fails with
+                                            ENOSPC after writing half of its first file
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+
+PREFIX = "SPARSE_MOE_TRAIN_FAULT_"
+
+
+def _ints(name: str) -> frozenset[int]:
+    text = os.environ.get(PREFIX + name, "").strip()
+    try:
+        return frozenset(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise ValueError(f"{PREFIX}{name}: expected comma-separated integers, found {text!r}") from err
+
+
+@dataclass
+class FaultInjection:
+    nan_steps: frozenset[int] = frozenset()
+    save_delay: float = 0.0
+    enospc_save: int = 0
+    saves: int = field(default=0, init=False)
+    _fail_next_write: bool = field(default=False, init=False)
+
+    @classmethod
+    def from_environment(cls, rank: int) -> "FaultInjection":
+        ranks = _ints("RANKS")
+        if ranks and rank not in ranks:
+            return cls()
+        return cls(nan_steps=_ints("NAN_STEPS"),
+                   save_delay=float(os.environ.get(PREFIX + "SAVE_DELAY", "0") or 0),
+                   enospc_save=int(os.environ.get(PREFIX + "ENOSPC_SAVE", "0") or 0))
+
+    def poison_loss(self, step: int) -> bool:
+        return step in self.nan_steps
+
+    def begin_save(self) -> None:
+        self.saves += 1
+        self._fail_next_write = self.saves == self.enospc_save
+
+    def before_write(self, path: str) -> None:
+        if self._fail_next_write:
+            self._fail_next_write = False
+            with open(path, "wb") as f:  # half a file, as a full disk leaves it
+                f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    def after_write(self, path: str) -> None:
+        if self.save_delay:
+            time.sleep(self.save_delay)
