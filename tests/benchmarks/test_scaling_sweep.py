@@ -1,0 +1,68 @@
+"""The scaling sweep's configurations: valid, compute-matched, and read alike by the Slurm array.
+
+The sweep itself takes hours; these checks make sure that every line of ``sweep.txt`` is a
+run ``sparse-moe-train`` accepts, that the models it names really do the same work per time
+step (against a hand count), and that ``slurm/sweep.sbatch`` picks the same lines.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_moe.models import LMConfig, lm_preset, preset_budget
+from sparse_moe.train.config import load_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALING = ROOT / "benchmarks" / "scaling"
+sys.path.insert(0, str(SCALING))
+from sweep import read_sweep  # noqa: E402
+
+CONFIGURATIONS = read_sweep(SCALING / "sweep.txt")
+HAND_COUNT = 4 * 4 * 128 * (128 + 128)  # 4xLSTM-128: four LSTMs, four gates each
+
+
+def test_the_sweep_has_the_papers_family_and_ablation():
+    names = [name for name, _ in CONFIGURATIONS]
+    assert len(names) == len(set(names))
+    for name in ("4xlstm-128", "lstm-512-128", "moe-1-wide", "moe-4", "moe-16", "moe-64",
+                 "moe-256", "moe-64-h", "moe-256-h"):
+        assert name in names
+    weights = set()
+    for name, overrides in CONFIGURATIONS:
+        config = _train_config(overrides)
+        if config.model.preset == "small-moe-64":
+            moe = config.model.overrides.get("moe_overrides", {})
+            weights.add((moe.get("w_importance", 0.1), moe.get("w_load", 0.1)))
+    assert weights == {(0, 0), (0.1, 0), (0, 0.1), (0.1, 0.1)}
+
+
+@pytest.mark.parametrize("name,overrides", CONFIGURATIONS, ids=[n for n, _ in CONFIGURATIONS])
+def test_every_configuration_loads_and_is_compute_matched(name, overrides):
+    config = _train_config(overrides)
+    base = lm_preset(config.model.preset, 8000).to_dict()
+    model = LMConfig.from_dict({**base, **config.model.overrides})  # validates moe_overrides
+    assert model.d_model == 128
+    ops = preset_budget(config.model.preset, 8000).ops_per_timestep
+    assert HAND_COUNT <= ops <= 1.13 * HAND_COUNT
+
+
+def test_slurm_array_task_reads_the_same_line():
+    """sweep.sbatch's own line selection (grep + sed + read), task by task."""
+    sbatch = (ROOT / "slurm" / "sweep.sbatch").read_text()
+    assert 'line=$(grep -v \'^\\s*\\(#\\|$\\)\' "$SWEEP_FILE" | sed -n "$((task + 1))p")' in sbatch
+    assert 'read -r name sweep_overrides <<<"$line"' in sbatch
+    script = ('line=$(grep -v \'^\\s*\\(#\\|$\\)\' "$1" | sed -n "$(($2 + 1))p"); '
+              'read -r name overrides <<<"$line"; echo "$name|$overrides"')
+    for task, (name, overrides) in enumerate(CONFIGURATIONS):
+        out = subprocess.run(["bash", "-c", script, "sweep", str(SCALING / "sweep.txt"),
+                              str(task)], capture_output=True, text=True, check=True).stdout
+        got_name, got_overrides = out.strip().split("|")
+        assert (got_name, got_overrides.split()) == (name, overrides)
+
+
+def _train_config(overrides):
+    return load_train_config(SCALING / "base.yaml", [*overrides, "data.corpus=corpus"])
