@@ -3,7 +3,9 @@
 Contenders, each at the same token count and expert size:
   dense-ideal  one feed-forward network with hidden k*d_hidden: the multiply-adds of the k
                chosen experts with none of the routing (the ideal an MoE can only approach)
-  sparse-moe   this project's layer (noisy top-k, grouped GEMM, dropless)
+  sparse-moe   this project's layer (noisy top-k, dropless; on CPU small expert groups
+               run as one padded bmm, see sparse_moe.moe.experts.use_padded_batches)
+  sparse-moe-grouped  the same layer always on the grouped GEMM (what CPUs got before)
   naive-loop   the same gating, then a Python loop over experts with boolean masks
   deepspeed    deepspeed.moe.layer.MoE (its top-2 gate, capacity factor 1.25), k=2 only
 
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ("dense-ideal", "sparse-moe", "naive-loop", "deepspeed")
+CONTENDERS = ("dense-ideal", "sparse-moe", "sparse-moe-grouped", "naive-loop", "deepspeed")
 
 
 @dataclass
@@ -72,7 +74,11 @@ def _build(case: Case):
     if case.contender == "dense-ideal":
         net = nn.Sequential(nn.Linear(d, k * h), nn.ReLU(), nn.Linear(k * h, d)).to(device, dtype)
         return (lambda: net(x).sum().backward()), [x, *net.parameters()]
-    if case.contender == "sparse-moe":
+    if case.contender == "sparse-moe-grouped":
+        from sparse_moe.moe import experts
+
+        experts.CPU_PADDED_MAX_WASTE = 0.0  # never pad: every call takes the grouped GEMM
+    if case.contender in ("sparse-moe", "sparse-moe-grouped"):
         moe = MoE(MoEConfig(d, h, n, k=k)).to(device, dtype).train()
         return (lambda: _backward_moe(moe(x))), [x, *moe.parameters()]
     if case.contender == "naive-loop":
@@ -215,7 +221,8 @@ def cases_for(args) -> list[Case]:
                 device=args.device, dtype=args.dtype, repeats=args.repeats)
     cases = []
     for n in args.experts:
-        for contender, k in (("dense-ideal", args.k), ("sparse-moe", args.k), ("naive-loop", args.k),
+        for contender, k in (("dense-ideal", args.k), ("sparse-moe", args.k),
+                             ("sparse-moe-grouped", args.k), ("naive-loop", args.k),
                              ("dense-ideal", 2), ("sparse-moe", 2), ("deepspeed", 2)):
             if contender in args.contenders:
                 cases.append(Case(contender, n, k, **base))

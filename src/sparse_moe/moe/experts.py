@@ -51,6 +51,41 @@ def group_offsets(tokens_per_group: Tensor) -> Tensor:
     return torch.cumsum(tokens_per_group, dim=0, dtype=torch.int32)
 
 
+# CPU: at most this many padded rows per real row for the padded batched-GEMM path.
+CPU_PADDED_MAX_WASTE = 1.5
+# CPU: groups of at least this many rows (on average) stay on the grouped GEMM.
+CPU_PADDED_MAX_MEAN_ROWS = 1024
+
+
+def use_padded_batches(x: Tensor, tokens_per_expert: Tensor) -> bool:
+    """Whether to run the experts as one padded ``bmm`` instead of a grouped GEMM.
+
+    On CPUs PyTorch's grouped GEMM is a loop of per-group matrix products, each its own
+    OpenMP region: with many small groups the threads spend their time starting and
+    synchronising (measured on 2 cores: 256 groups of 128 rows, 7.2 s grouped against 0.54 s
+    as one ``bmm``). A ``bmm`` over groups padded to the largest one does the same products
+    in one call, and pays off while the padding stays small and the groups small; on GPUs
+    the grouped kernel (CUTLASS) has neither cost.
+    """
+    if x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES or x.shape[0] == 0:
+        return False
+    num_experts = tokens_per_expert.numel()
+    if x.shape[0] >= CPU_PADDED_MAX_MEAN_ROWS * num_experts:
+        return False
+    capacity = int(tokens_per_expert.max())
+    return num_experts * capacity <= CPU_PADDED_MAX_WASTE * x.shape[0]
+
+
+def padded_row_index(tokens_per_expert: Tensor, capacity: int) -> Tensor:
+    """For each expert-sorted row, its row in the ``[num_experts * capacity]`` padded layout."""
+    counts = tokens_per_expert.to(torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    row_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
+                                         counts, output_size=int(counts.sum()))
+    rank_in_expert = torch.arange(row_expert.numel(), device=counts.device) - starts[row_expert]
+    return row_expert * capacity + rank_in_expert
+
+
 class GroupedFFNExperts(nn.Module):
     """``num_experts`` independent ReLU networks ``d_in -> d_hidden (x layers) -> d_out``.
 
@@ -87,6 +122,8 @@ class GroupedFFNExperts(nn.Module):
         ``tokens_per_expert`` (``[num_experts]``) gives the length of each expert's slice.
         Parameters are cast to the input dtype, so a bf16 activation runs a bf16 GEMM.
         """
+        if use_padded_batches(x, tokens_per_expert):
+            return self._forward_padded(x, tokens_per_expert.to(x.device))
         offsets = group_offsets(tokens_per_expert.to(x.device))
         row_expert = None
         if self.biases is not None:
@@ -102,3 +139,22 @@ class GroupedFFNExperts(nn.Module):
             if i < last:
                 h = torch.relu_(h)  # h is a fresh GEMM output: no extra [A, d_hidden] buffer
         return h
+
+    def _forward_padded(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """The same networks as ``bmm`` over ``[num_experts, capacity, d]`` zero-padded rows.
+
+        Padding rows are dropped at the end, so their outputs get no gradient and add none
+        to the weights: the result and every gradient equal the grouped path's.
+        """
+        num_experts, capacity = self.num_experts, int(tokens_per_expert.max())
+        index = padded_row_index(tokens_per_expert, capacity)
+        padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, index, x)
+        h = padded.view(num_experts, capacity, x.shape[1])
+        last = len(self.weights) - 1
+        for i, weight in enumerate(self.weights):
+            h = torch.bmm(h, weight.to(h.dtype))
+            if self.biases is not None:
+                h = h + self.biases[i].to(h.dtype).unsqueeze(1)
+            if i < last:
+                h = torch.relu_(h)
+        return h.reshape(num_experts * capacity, -1).index_select(0, index)
