@@ -33,7 +33,7 @@ import numpy as np
 
 from sparse_moe.data.corpus import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
                                     load_manifest, write_manifest)
-from sparse_moe.data.indexed import ShardWriter, check_shard_files, token_dtype
+from sparse_moe.data.indexed import ShardWriter, check_shard_files, fault_point, token_dtype
 from sparse_moe.data.tokenizer import load_tokenizer
 
 from .sources import DataPrepError
@@ -384,7 +384,7 @@ def write_splits(chunks_factory: Callable[[], Iterator[tuple]], splits: list[str
         return _write_splits(chunks_factory, splits, options, split_settings, extra_manifest,
                              progress_total, progress_counter)
     except OSError as error:
-        raise write_error(error, options) from None
+        raise write_error(error, options, splits[0]) from None
     except DataPrepError:
         _discard_new_splits(directory, splits, before, created, had_manifest)
         raise
@@ -419,12 +419,14 @@ def _discard_new_splits(directory: Path, splits: list[str], before: dict[str, in
         directory.rmdir()
 
 
-def write_error(error: OSError, options: EncodeOptions) -> DataPrepError:
+def write_error(error: OSError, options: EncodeOptions, split: str) -> DataPrepError:
     path = error.filename or options.output
+    finished = _finished_shards(Path(options.output), [split]).get(split, 0) \
+        if (Path(options.output) / MANIFEST_NAME).exists() else 0
     return DataPrepError(
         f"{path}: cannot write ({error.strerror or error}); expected a writable --output "
-        f"directory with free space. Shards finished before this one are kept in "
-        f"{options.output}; fix the cause and run the same command again to resume")
+        f"directory with free space. {finished} finished shard(s) of split {split!r} "
+        f"are kept in {options.output}; fix the cause and run the same command again to resume")
 
 
 def _write_splits(chunks_factory, splits, options, split_settings, extra_manifest,
@@ -510,6 +512,7 @@ def _engine(options: EncodeOptions, kind: str):
 def _finish(writers, entries, directory, manifest, summary) -> None:
     for writer, entry in zip(writers, entries):
         record = writer.finish()
+        fault_point("before-manifest", record["name"])
         entry["shards"].append(record)
         summary.tokens += record["tokens"]
         summary.bytes_written += record["bin_bytes"] + record["idx_bytes"]

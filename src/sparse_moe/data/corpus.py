@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .indexed import IndexedShard, check_shard_files, sha256_file
+from .indexed import IndexedShard, check_shard_files, fault_point, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sparse-moe-corpus"
@@ -94,6 +94,10 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        shards = [s["name"] for entry in manifest.get("splits", {}).values()
+                  for s in entry.get("shards", [])]
+        if shards:
+            fault_point("manifest-replace", shards[-1])
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a disk-full write must not leave a torn temp file

@@ -35,6 +35,18 @@ DTYPE_CODES: dict[int, np.dtype] = {
 }
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
+# Crash-safety testing: "<point>:<shard name>" makes the writer SIGKILL itself at that point.
+FAULT_AT_ENV = "SPARSE_MOE_DATA_FAULT_AT"
+FAULT_POINTS = ("mid-shard", "before-rename", "between-renames", "before-manifest",
+                "manifest-replace")
+
+
+def fault_point(point: str, shard: str) -> None:
+    """Dies like a killed process (no clean-up, no flush) where the test asked for it."""
+    if os.environ.get(FAULT_AT_ENV) == f"{point}:{shard}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardFormatError(ValueError):
@@ -101,6 +113,7 @@ class ShardWriter:
         self.tokens += int(len(tokens))
         self.sequences += int(len(sequence_lengths))
         self.documents += int(len(sequences_per_document))
+        fault_point("mid-shard", self.prefix.name)
 
     def finish(self) -> dict:
         """Writes the index, checks both files on disk, renames them; returns the shard record."""
@@ -124,7 +137,9 @@ class ShardWriter:
         if problems:
             raise ShardFormatError(f"shard {self.prefix.name} failed its check after writing: "
                                    + "; ".join(problems))
+        fault_point("before-rename", self.prefix.name)
         os.replace(self.idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
+        fault_point("between-renames", self.prefix.name)
         os.replace(self.bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
         return record
 
