@@ -65,6 +65,7 @@ def test_padding_is_chosen_only_for_small_balanced_groups():
     x = torch.zeros(100, 4)
     assert use_padded_batches(x, torch.tensor([25, 25, 25, 25]))
     assert not use_padded_batches(x, torch.tensor([97, 1, 1, 1]))  # 4x the rows padded
+    assert use_padded_batches(x, torch.tensor([50, 20, 20, 10]))  # 2x
     big = torch.zeros(4 * experts_module.CPU_PADDED_MAX_MEAN_ROWS, 4)
     assert not use_padded_batches(big, torch.full((4,), experts_module.CPU_PADDED_MAX_MEAN_ROWS))
     assert not use_padded_batches(x.double(), torch.tensor([25, 25, 25, 25]))
