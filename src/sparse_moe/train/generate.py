@@ -45,9 +45,9 @@ def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[st
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=1)
-    model_config(config, corpus, task, str(run_dir / "config.yaml"))
+    model_settings = model_config(config, corpus, task, str(run_dir / "config.yaml"))
     checkpoint_dir = run_dir / CHECKPOINT_DIR
-    tag = check_checkpoint(checkpoint_dir, tag, config, resume=False)
+    tag = check_checkpoint(checkpoint_dir, tag, config, model_settings, resume=False)
     if tag is None:
         raise CheckpointError(f"{checkpoint_dir}: expected a checkpoint (a 'latest' file and "
                               f"its tag directory), found {checkpoint_tags(checkpoint_dir) or 'none'}")

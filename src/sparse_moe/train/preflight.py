@@ -39,7 +39,7 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=world_size)
-    model_config(config, corpus, task, source)
+    model = model_config(config, corpus, task, source)
     try:
         task.train_reader()
     except (CorpusError, ShardFormatError):
@@ -50,7 +50,7 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     ds = build_ds_config(config, world_size, Path(config.run.dir))
     check_precision_supported(ds, config)
     if config.run.resume:
-        check_checkpoint(Path(config.run.dir) / "checkpoints", None, config, resume=True)
+        check_checkpoint(Path(config.run.dir) / "checkpoints", None, config, model, resume=True)
 
 
 def model_config(config: TrainConfig, corpus: Corpus, task: Any,
@@ -80,8 +80,8 @@ def checkpoint_tags(directory: Path) -> list[str]:
 
 
 def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
-                     resume: bool) -> str | None:
-    """The tag that will be loaded, after checking its files fit ``config``; None: none saved.
+                     model: LMConfig | TranslationConfig, resume: bool) -> str | None:
+    """The tag that will be loaded, after checking its files fit the model; None: none saved.
 
     ``resume`` also checks what resuming needs beyond the weights: the optimizer state of
     every expert-parallel rank, which only loads into the same ``parallel.ep_size``.
@@ -101,7 +101,7 @@ def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
         raise CheckpointError(f"--tag: expected one of {tags or 'none'} in {directory}, "
                               f"found {tag!r}")
     saved = _load_model_states(directory / tag)
-    _check_same_model(directory / tag / MODEL_STATES, saved, config)
+    _check_same_model(directory / tag / MODEL_STATES, saved, config, model)
     _check_expert_files(directory, tag, saved)
     if resume:
         _check_expert_layout(directory / tag, saved, config)
@@ -138,20 +138,51 @@ def _check_zip(path: Path) -> None:
                               "(truncated or overwritten?)")
 
 
-def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig) -> None:
-    """The checkpoint's model section (saved by the trainer) must equal this run's."""
+def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig,
+                      model: LMConfig | TranslationConfig) -> None:
+    """Every parameter of the checkpoint must have the shape this run's model gives it.
+
+    The model is built on the meta device (shapes only, no memory), so the check costs the
+    same for a debug model and a 4096-expert one. Settings that change no shape (dropout,
+    activation checkpointing, balancing weights) may differ: resuming with them is allowed.
+    Where shapes differ, the model settings that differ from the checkpoint's are named.
+    """
+    import torch
+
+    from sparse_moe.models import build_model
+
+    with torch.device("meta"):
+        built = build_model(model).state_dict()
+    expected = {_plain(k): tuple(v.shape) for k, v in saved["module"].items()}
+    found = {k: tuple(v.shape) for k, v in built.items() if ".experts." not in k}
+    mismatched = [f"{key}: expected {_shape(expected.get(key))} (as in the checkpoint), "
+                  f"found {_shape(found.get(key))}"
+                  for key in sorted(set(expected) | set(found))
+                  if expected.get(key) != found.get(key)]
+    experts = [tuple(v.shape)[0] for k, v in built.items() if k.endswith("experts.weights.0")]
+    if saved.get("num_experts") and experts != list(saved["num_experts"]):
+        mismatched.append(f"experts per MoE layer: expected {saved['num_experts']} (as in the "
+                          f"checkpoint), found {experts}")
+    if not mismatched:
+        return
     recorded = (saved.get("config") or {}).get("model")
-    if recorded is None:
-        return  # not written by this trainer: DeepSpeed's own checks are all there is
-    current = to_dict(config)["model"]
-    differences = _differences(recorded, current, "model")
-    if differences:
-        raise CheckpointError(
-            f"{path}: written by a different model; "
-            + "; ".join(f"{key}: expected {_shown(old)} (as in the checkpoint), found "
-                        f"{_shown(new)}"
-                        for key, old, new in differences[:5])
-            + ". Use the checkpoint's model settings or another run.dir")
+    settings = _differences(recorded, to_dict(config)["model"], "model") if recorded else []
+    hint = ("; this run's settings differ in " + ", ".join(
+        f"{key} ({_shown(old)} in the checkpoint, {_shown(new)} now)"
+        for key, old, new in settings[:4])) if settings else ""
+    raise CheckpointError(
+        f"{path}: written by a different model: " + "; ".join(mismatched[:3])
+        + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "") + hint
+        + ". Use the checkpoint's model settings or another run.dir")
+
+
+def _plain(key: str) -> str:
+    """A saved parameter name without DeepSpeed's MoE wrapper (``.deepspeed_moe``)."""
+    return key.replace(".deepspeed_moe.", ".")
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "no such parameter" if shape is None else str(list(shape))
 
 
 def _shown(value: Any) -> str:
