@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def test_one_process_trains_and_tracks(wt_corpus, tmp_path):
     assert last < first - 0.8, f"cross-entropy went from {first:.3f} to {last:.3f}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["valid/perplexity"] < 500  # vocabulary is 500
+    # Per word: the same likelihood over the words of the original text (plus a line end per
+    # non-blank line, the end-of-sentence token the corpus appends).
+    text = (Path(wt_corpus["root"]) / "valid.txt").read_text(encoding="utf-8")
+    words = len(text.split()) + sum(1 for line in text.splitlines() if line.strip())
+    manifest = json.loads((Path(wt_corpus["corpus"]) / "manifest.json").read_text())
+    tokens = manifest["splits"]["valid"]["tokens"]
+    expected = math.exp(summary["valid/cross_entropy"] * tokens / words)
+    assert summary["valid/perplexity_per_word"] == pytest.approx(expected, rel=0.01)
+    assert summary["valid/perplexity_per_word"] > summary["valid/perplexity"]
     # wandb ran offline, under the run id kept in the run directory.
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -90,7 +90,35 @@ class LanguageModelTask:
             results[f"{split}/cross_entropy"] = nll / tokens
             results[f"{split}/perplexity"] = float(np.exp(nll / tokens))
             results[f"{split}/tokens"] = tokens
+            words = self._words_per_token(split)
+            if words is not None:
+                results[f"{split}/perplexity_per_word"] = float(np.exp(nll / (tokens * words)))
         return results
+
+    def _words_per_token(self, split: str) -> float | None:
+        """Words per subword token of a split, so that perplexities compare across vocabularies.
+
+        Words are counted as SentencePiece marks them, by the pieces that begin with the word
+        boundary ``▁`` (decoding would split words at every unknown character), plus one end
+        of document each (word-level corpora count the end of a line as a word, and our LM
+        predicts the end-of-sentence token). Only for subword (SentencePiece) corpora: with a
+        word vocabulary every token is a word already. Evaluations that stop early
+        (``run.eval_batches``) use the whole split's ratio.
+        """
+        processor = getattr(self.tokenizer, "processor", None)
+        if processor is None:
+            return None
+        cache = self.__dict__.setdefault("_word_ratios", {})
+        if split not in cache:
+            starts_word = np.array([processor.id_to_piece(i).startswith("\u2581")
+                                    for i in range(processor.get_piece_size())])
+            data = self.corpus.split(split)
+            stream = data.token_stream()
+            words = data.num_documents + sum(
+                int(starts_word[stream.slice(start, min(start + (1 << 22), len(stream)))].sum())
+                for start in range(0, len(stream), 1 << 22))
+            cache[split] = words / max(len(stream), 1)
+        return cache[split]
 
     def _nll(self, engine: Any, split: str, device: torch.device) -> tuple[float, float]:
         totals = torch.zeros(2, dtype=torch.float64)
