@@ -94,9 +94,10 @@ def _read_expert_load(run: Run, path: Path) -> None:
 
 
 def split_words(split: str) -> int:
-    """Words plus one end-of-line per line: the word-level WikiText-2 token count."""
+    """Words plus one end of line per non-blank line (the end-of-sentence tokens the model
+    predicts), as the trainer's ``perplexity_per_word`` counts them."""
     text = (WIKITEXT / f"{split}.txt").read_text(encoding="utf-8")
-    return len(text.split()) + text.count("\n")
+    return len(text.split()) + sum(1 for line in text.splitlines() if line.strip())
 
 
 def per_word_perplexity(run: Run, split: str, split_tokens: int) -> float:
@@ -150,7 +151,7 @@ def render_tables(runs: dict[str, Run], runs_dir: Path, missing: list[str], comm
              f"warm-up {config['schedule']['warmup_steps']}, hold "
              f"{config['schedule']['hold_steps']}, then 1/sqrt(step). Perplexities are over "
              "the whole valid and test splits; per word: exp(total cross-entropy / (words + "
-             "line ends)), the word-level WikiText-2 count. CV(load) and max/mean load: the first "
+             "ends of non-blank lines)). CV(load) and max/mean load: the first "
              "MoE layer's tokens per expert in training batches, averaged over the last quarter "
              "of the logged steps. Tokens/s were logged while the sweep ran several runs at once "
              "on a shared machine: indicative only.", ""]
