@@ -254,7 +254,10 @@ CASES: list[Case] = [
          "expected one of ['train', 'valid']", "found 'training'", training_inputs),
     Case("corpus-split-too-small", "corpora", "a split too small for one batch", TRAIN,
          (*TRAIN_ARGS, "data.seq_len=50000"), ("data.train_split", "'train'"),
-         "expected at least 400008 tokens", "found", training_inputs),
+         "expected at least 400001 tokens", "found 81093", training_inputs),
+    Case("corpus-empty-split", "corpora", "a split with no shards at all", TRAIN, TRAIN_ARGS,
+         ("data.train_split", "'train'"), "expected at least 257 tokens", "found 0",
+         chain(training_inputs, corpus_edit(lambda m: m["splits"]["train"].update(shards=[])))),
     Case("corpus-incomplete-split", "corpora", "a split whose encode was interrupted", TRAIN,
          TRAIN_ARGS, ("corpus/manifest.json", "'train'"), "expected 'complete': true",
          "found false", chain(training_inputs, corpus_edit(
@@ -300,6 +303,11 @@ CASES: list[Case] = [
          ("encode", "-i", "train.txt", "-t", "sp.model", "-o", "out", "--shard-size", "12Q"),
          ("--shard-size",), "expected a size like 4096, 64K, 256M or 1G", "found '12Q'",
          text_inputs),
+    Case("lm1b-wrong-layout", "text inputs", "a 1B-word root without the held-out shard", DATA,
+         ("lm1b", "--root", "lm1b", "-o", "out", "--no-progress"),
+         ("lm1b/heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050",),
+         "expected the 1B-word layout", "does not exist",
+         write("lm1b/training-monolingual.tokenized.shuffled/news.en-00001-of-00100", "a b\n")),
     # ------------------------------------------------------------ tokenizers
     Case("tokenizer-missing", "tokenizers", "data.tokenizer names no file", TRAIN,
          ("data.corpus=corpus", "data.tokenizer=nope.model"), ("nope.model",),

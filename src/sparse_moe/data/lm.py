@@ -63,8 +63,14 @@ class LMBatches:
         if len(self) == 0:
             raise ValueError(f"split {split.name!r} has {len(self.stream)} tokens: too few for one "
                              f"batch of {batch_size} x {seq_len + 1} on {world_size} rank(s); "
-                             f"expected at least {batch_size * world_size * (seq_len + 1)} "
-                             f"tokens, found {len(self.stream)}")
+                             f"expected at least {self._tokens_needed()} tokens, found "
+                             f"{len(self.stream)}")
+
+    def _tokens_needed(self) -> int:
+        """The shortest stream that gives every rank one batch."""
+        if self.carry_state:  # each rank reads its own contiguous share of the stream
+            return self.global_batch * (self.seq_len + 1)
+        return self.global_batch * self.seq_len + 1
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -73,7 +79,7 @@ class LMBatches:
 
     @property
     def num_segments(self) -> int:
-        return (len(self.stream) - 1) // self.seq_len
+        return max(0, len(self.stream) - 1) // self.seq_len
 
     @property
     def stream_length(self) -> int:
