@@ -50,7 +50,9 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     ds = build_ds_config(config, world_size, Path(config.run.dir))
     check_precision_supported(ds, config)
     if config.run.resume:
-        check_checkpoint(Path(config.run.dir) / "checkpoints", None, config, model, resume=True)
+        from sparse_moe.train.trainer import CHECKPOINT_DIR
+
+        check_checkpoint(Path(config.run.dir) / CHECKPOINT_DIR, None, config, model, resume=True)
 
 
 def model_config(config: TrainConfig, corpus: Corpus, task: Any,
