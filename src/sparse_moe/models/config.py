@@ -88,9 +88,6 @@ class LMConfig:
                        for i, layer in enumerate(self.layers)]
         _require(isinstance(self.moe_overrides, Mapping), "LMConfig.moe_overrides",
                  "a mapping of MoEConfig fields", self.moe_overrides)
-        for layer in self.layers:
-            if layer.kind == "moe":  # fail now, naming the field, not when the model is built
-                layer.moe_config(self.d_model, self.moe_overrides)
         _require(self.vocab_size >= 2, "LMConfig.vocab_size", "an integer >= 2", self.vocab_size)
         _require(self.d_model >= 1, "LMConfig.d_model", "a positive integer", self.d_model)
         _require(len(self.layers) >= 1, "LMConfig.layers", "at least one layer", self.layers)
@@ -99,6 +96,9 @@ class LMConfig:
             if layer.kind == "lstm" and layer.bidirectional:
                 raise ValueError(f"LMConfig.layers[{i}].bidirectional: expected false for a "
                                  "language model (it must not see the future), found true")
+        for layer in self.layers:
+            if layer.kind == "moe":  # fail now, naming the field, not when the model is built
+                layer.moe_config(self.d_model, self.moe_overrides)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "LMConfig") -> "LMConfig":
