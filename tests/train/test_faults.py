@@ -112,9 +112,10 @@ def _step_of(tag: str | None) -> int:
     return int(tag.split("_")[1]) if tag else 0
 
 
-def _save_in_progress(run_dir: Path, since: float) -> str | None:
-    """A checkpoint directory newer than ``latest`` with a file written after ``since``."""
-    base = _step_of(_latest(run_dir))
+def _save_in_progress(run_dir: Path, since: float, above: int = 0) -> str | None:
+    """A checkpoint directory newer than ``latest`` and step ``above``, with a file written
+    after ``since``."""
+    base = max(_step_of(_latest(run_dir)), above)
     for path in sorted((run_dir / "checkpoints").glob("step_*")):
         try:
             if _step_of(path.name) > base and any(f.stat().st_mtime > since for f in path.iterdir()):
@@ -173,17 +174,19 @@ def _rng(request) -> random.Random:
 @pytest.mark.timeout(400)
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(wt_corpus, tmp_path,
                                                                         reference, request):
-    """kill -9 of the whole job twice inside a save and once at a random moment."""
+    """kill -9 of the whole job inside the first save, inside a later save (with a committed
+    checkpoint to fall back to) and at a random moment."""
     rng = _rng(request)
     run_dir = tmp_path / "killed"
     overrides = _overrides(wt_corpus, run_dir, "run.resume=true")
-    inside_saves = 0
+    inside_saves, saving = 0, None
     for attempt in range(3):
         started, rows = time.time(), _loss_rows(run_dir)
         proc = _start(overrides, save_delay="0.15")  # each checkpoint file takes 0.15 s longer
         if attempt < 2:
-            _wait(lambda: _save_in_progress(run_dir, started), proc, "a save to begin")
-            saving = _save_in_progress(run_dir, started)
+            above = _step_of(saving)  # the second kill waits for a later save than the first
+            _wait(lambda: _save_in_progress(run_dir, started, above), proc, "a save to begin")
+            saving = _save_in_progress(run_dir, started, above)
             time.sleep(rng.uniform(0.0, 0.6))
         else:
             _wait(lambda: _loss_rows(run_dir) > rows, proc, "a step")
@@ -229,6 +232,14 @@ def test_preemption_signal_to_a_random_rank_at_a_random_step(wt_corpus, tmp_path
     assert status == 0, output[-3000:]
     assert not (run_dir / "preempted.json").exists()
     _assert_reproduces(run_dir, reference)
+    # Resumed once more, the finished run must not rewrite its committed checkpoint in place:
+    # with the directory read-only, any write would fail the run.
+    _make_read_only(run_dir / "checkpoints", True)
+    try:
+        status, output = _run(overrides)
+    finally:
+        _make_read_only(run_dir / "checkpoints", False)
+    assert status == 0, output[-3000:]
 
 
 @pytest.mark.timeout(300)
@@ -257,6 +268,7 @@ def test_a_dead_rank_ends_the_survivor_with_a_message(wt_corpus, tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     stderr = logs[0].read_text()
+    print(f"the survivor exited {waited:.1f} s after rank 1 was killed")
     assert procs[0].returncode not in (0, None)
     assert waited < 30 + 10 + 20, f"the survivor took {waited:.0f} s"  # timeout + roll call + slack
     message = next(line for line in stderr.splitlines() if line.startswith("sparse-moe-train: error"))

@@ -133,9 +133,18 @@ def agree_or_raise(local_error: str | None, what: str, directory: Path) -> None:
 
 def save_checkpoint(engine: Any, writer: RecordingWriter, directory: Path, step: int,
                     client_state: dict[str, Any], keep_last: int) -> str:
-    """Writes ``step_XXXXXXXX`` on every rank, commits it through ``latest``, prunes old ones."""
+    """Writes ``step_XXXXXXXX`` on every rank, commits it through ``latest``, prunes old ones.
+
+    A step that ``latest`` already names (a preemption right after a periodic save, or a
+    finished run resumed again) is not written again: rewriting the committed checkpoint in
+    place would expose it to a kill. Rank 0 decides, so every rank takes the same branch.
+    """
     tag = checkpoint_tag(step)
     rank = dist.get_rank()
+    committed = [read_latest(directory) == tag if rank == 0 else None]
+    dist.broadcast_object_list(committed, src=0)
+    if committed[0]:
+        return tag
     if rank == 0:
         remove_uncommitted(directory, tag)  # a save of this step that was interrupted before
     writer.begin()

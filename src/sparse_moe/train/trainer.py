@@ -147,7 +147,9 @@ class Trainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.save_due = False
-        self.history: list[dict[str, float]] = []
+        # The last logged training metrics, for the summary (a list of every log would grow
+        # without bound over a long run).
+        self.last_train: dict[str, float] = {}
         self.preemption.install()
         if self.rank == 0:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -271,7 +273,7 @@ class Trainer:
         self._log(final)
         self.save()
         self._write_specialisation()
-        last_train = next((h for h in reversed(self.history) if "loss" in h), {})
+        last_train = self.last_train
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
                    "train_loss": last_train.get("loss"), **peak_memory(self.device)}
         if self.rank == 0:
@@ -394,7 +396,8 @@ class Trainer:
     # ------------------------------------------------------------------ logging, checkpoints
     def _log(self, metrics: dict[str, float]) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.history.append({"step": self.step, **metrics})
+        if "loss" in metrics:
+            self.last_train = {"step": self.step, **metrics}
         if self.engine.monitor.enabled:
             self.engine.monitor.write_events([(f"train/{k}" if "/" not in k else k, v, self.step)
                                               for k, v in metrics.items()])
