@@ -278,14 +278,18 @@ def test_a_dead_rank_ends_the_survivor_with_a_message(wt_corpus, tmp_path):
 
 
 def _states(tag_dir: Path) -> dict[str, object]:
-    """Module and optimizer state of every file in a checkpoint directory."""
+    """Module, optimizer and scheduler state of every file in a checkpoint directory."""
     states = {}
     for file in sorted(tag_dir.glob("*.pt")):
         state = torch.load(file, map_location="cpu", weights_only=False)
         for key in ("module", "optimizer", "lr_scheduler"):
             if key in state:
                 states[f"{file.name}:{key}"] = state[key]
-        if "module" not in state:
+        if "optimizer_state_dict" in state:  # ZeRO: fp32 master partitions and Adam's state
+            zero = state["optimizer_state_dict"]
+            states[f"{file.name}:master"] = zero["single_partition_of_fp32_groups"]
+            states[f"{file.name}:base"] = zero["base_optimizer_state"]
+        elif "module" not in state:  # an expert's parameters
             states[file.name] = state
     return states
 
@@ -323,6 +327,22 @@ def test_nan_on_one_rank_skips_the_step_and_a_run_of_them_stops(wt_corpus, tmp_p
     assert _latest(run_dir) == "step_00000004"
     assert not (checkpoints / "step_00000005").exists() and not (checkpoints / "step_00000006").exists()
     assert not _equal(_states(checkpoints / "step_00000004"), after)  # step 4 was taken
+
+
+@pytest.mark.timeout(300)
+def test_nan_under_zero1_bf16_is_skipped_by_deepspeed_itself(wt_corpus, tmp_path):
+    """ZeRO's optimizer checks the gradient norm; the trainer's guard stands aside."""
+    run_dir = tmp_path / "nan_bf16"
+    status, output = _run(_overrides(wt_corpus, run_dir, "run.save_every=1", "run.keep_last=10",
+                                     "deepspeed.config=ds_configs/zero1_bf16.json", steps=3),
+                          ranks="1", nan_steps="3")
+    assert status == 0, output[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    before = _states(checkpoints / "step_00000002")
+    assert any(name.endswith(":master") for name in before)  # it is a ZeRO checkpoint
+    assert _equal(_states(checkpoints / "step_00000003"), before)
+    assert not _equal(_states(checkpoints / "step_00000001"), before)
+    assert read_metric(run_dir, "train_skipped_steps") == {1: 0.0, 2: 0.0, 3: 1.0}
 
 
 def _make_read_only(path: Path, read_only: bool) -> None:
