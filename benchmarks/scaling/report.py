@@ -26,7 +26,7 @@ from sparse_moe.report import read_csv_metric  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WIKITEXT = ROOT / ".." / "shared" / "data" / "wikitext-2"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
 LOAD_WINDOW = 0.25  # CV(load) and max/mean over the last quarter of the logged steps
 
 # Test perplexity of the paper's counterparts (1B-word benchmark, 10 epochs, ~8.4M ops/step;
@@ -36,8 +36,16 @@ PAPER_PERPLEXITY = {"4xlstm-128": ("4xLSTM-512", 46.0), "lstm-512-128": ("LSTM-2
                     "moe-16": ("MoE-32", 39.7), "moe-64": ("MoE-256", 35.7),
                     "moe-256": ("MoE-256", 35.7), "moe-64-h": ("MoE-256-h", 36.0),
                     "moe-256-h": ("MoE-256-h", 36.0)}
+PAPER_PERPLEXITY.update({"4xlstm-32": PAPER_PERPLEXITY["4xlstm-128"]})
 PAPER_ABLATION = {(0.0, 0.0): (39.8, 3.01, 17.8), (0.1, 0.1): (35.6, 0.05, 1.14)}
-DENSE = ("4xlstm-128", "lstm-512-128", "moe-1-wide")
+
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+
+
+def is_dense(run: "Run") -> bool:
+    return _experts(run) == "-"
 
 
 @dataclass
@@ -107,7 +115,7 @@ def per_word_perplexity(run: Run, split: str, split_tokens: int) -> float:
 
 
 def write_report(configurations: list[tuple[str, list[str]]], runs_dir: Path, report: Path,
-                 command: str) -> None:
+                 command: str, section: str = "results") -> None:
     runs = {name: load_run(name, runs_dir / name) for name, _ in configurations}
     missing = [name for name, run in runs.items() if run is None]
     done = {name: run for name, run in runs.items() if run is not None}
@@ -115,16 +123,17 @@ def write_report(configurations: list[tuple[str, list[str]]], runs_dir: Path, re
         raise SystemExit(f"no finished run in {runs_dir}")
     figures = report.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
-    plots = [plot_perplexity_vs_parameters(done, figures),
-             plot_ablation_loads(done, figures)]
+    plots = [plot_perplexity_vs_parameters(done, figures, section),
+             plot_ablation_loads(done, figures, section)]
     tables = render_tables(done, runs_dir, missing, command, [p for p in plots if p], report)
-    text = report.read_text() if report.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{report}: expected the markers {BEGIN} and {END}")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    begin, end = markers(section)
+    text = report.read_text() if report.exists() else f"# Results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{report}: expected the markers {begin} and {end}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+    tmp.write_text(f"{head}{begin}\n{tables}\n{end}{tail}")
     tmp.replace(report)
     print(tables)
 
@@ -162,7 +171,7 @@ def render_tables(runs: dict[str, Run], runs_dir: Path, missing: list[str], comm
               "test ppl | test ppl per word | vs best dense | CV(load) | max/mean load | "
               "tokens/s in the sweep | paper's counterpart (test ppl) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    best_dense = min((runs[n].metric("test/perplexity") for n in DENSE if n in runs),
+    best_dense = min((r.metric("test/perplexity") for r in runs.values() if is_dense(r)),
                      default=math.nan)
     for name, run in runs.items():
         if run.moe_overrides:
@@ -175,11 +184,16 @@ def render_tables(runs: dict[str, Run], runs_dir: Path, missing: list[str], comm
             f"{run.metric('test/perplexity') / best_dense - 1:+.1%} | {_fmt(run.cv_load)} | "
             f"{_fmt(run.max_over_mean)} | {run.tokens_per_second:.0f} | "
             f"{paper[0]} ({paper[1] if paper[1] else '-'}) |")
+    ablation = sorted((r for r in runs.values() if r.preset.endswith("-moe-64")),
+                      key=lambda r: r.weights)
+    if len(ablation) < 2:
+        lines.append("")
+        lines += [f"![{p.stem}]({p.relative_to(report.parent)})" for p in plots]
+        return "\n".join(lines)
     lines += ["", "### Balancing ablation (MoE-64)", "",
               "| w_importance | w_load | test ppl | CV(load) | max/mean load | "
               "paper, MoE-256 (ppl, CV, max/mean) |", "|---|---|---|---|---|---|"]
-    for run in sorted((r for r in runs.values() if r.preset == "small-moe-64"),
-                      key=lambda r: r.weights):
+    for run in ablation:
         paper = PAPER_ABLATION.get(run.weights)
         paper_text = f"{paper[0]}, {paper[1]}, {paper[2]}" if paper else "-"
         lines.append(f"| {run.weights[0]} | {run.weights[1]} | "
@@ -208,12 +222,13 @@ def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
-def plot_perplexity_vs_parameters(runs: dict[str, Run], out: Path) -> Path | None:
+def plot_perplexity_vs_parameters(runs: dict[str, Run], out: Path, section: str) -> Path | None:
     """Test perplexity against parameters at fixed ops per time step (the paper's Figure 2)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    flat = [r for r in runs.values() if r.preset.startswith("small-moe-") and
-            not r.preset.endswith(("-h", "-wide")) and not r.moe_overrides]
+    flat = [r for r in runs.values() if not is_dense(r) and not r.preset.endswith("-h")
+            and not r.moe_overrides]
     hier = [r for r in runs.values() if r.preset.endswith("-h")]
+    ops = statistics.median(r.ops_m for r in runs.values())
     for group, style, label in ((flat, "o-", "flat MoE (k=4)"),
                                 (hier, "s--", "hierarchical MoE (2x2)")):
         group = sorted(group, key=lambda r: r.params_m)
@@ -223,28 +238,27 @@ def plot_perplexity_vs_parameters(runs: dict[str, Run], out: Path) -> Path | Non
             for r in group:
                 ax.annotate(r.name, (r.params_m, r.metric("test/perplexity")), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
-    for name in DENSE:
-        if name in runs:
-            r = runs[name]
-            ax.plot([r.params_m], [r.metric("test/perplexity")], "^", label=name)
+    for r in runs.values():
+        if is_dense(r):
+            ax.plot([r.params_m], [r.metric("test/perplexity")], "^", label=r.name)
     ax.set(xscale="log", xlabel="parameters excluding embedding and softmax (M)",
            ylabel="test perplexity (per token)",
-           title="WikiText-2 at ~0.52M ops per time step")
+           title=f"WikiText-2 at ~{ops:.2g}M ops per time step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "perplexity_vs_parameters.png"
+    path = out / f"{section}_perplexity_vs_parameters.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_ablation_loads(runs: dict[str, Run], out: Path) -> Path | None:
+def plot_ablation_loads(runs: dict[str, Run], out: Path, section: str) -> Path | None:
     """Each expert's share of the assignments over training, per balancing setting."""
     ablation = sorted((r for r in runs.values()
-                       if r.preset == "small-moe-64" and r.load_history is not None),
+                       if r.preset.endswith("-moe-64") and r.load_history is not None),
                       key=lambda r: r.weights)
-    if not ablation:
+    if len(ablation) < 2:
         return None
     fig, axes = plt.subplots(1, len(ablation), figsize=(3.2 * len(ablation), 3.6),
                              squeeze=False)
@@ -255,7 +269,7 @@ def plot_ablation_loads(runs: dict[str, Run], out: Path) -> Path | None:
         ax.set(title=f"w_imp={run.weights[0]}, w_load={run.weights[1]}\nCV {run.cv_load:.2f}",
                xlabel="logged step", ylabel="expert")
     fig.colorbar(image, ax=axes[0].tolist(), label="share of assignments")
-    path = out / "ablation_expert_load.png"
+    path = out / f"{section}_ablation_expert_load.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -10,6 +10,9 @@ and plots into ``docs/results.md`` (between its ``results:begin``/``results:end`
     python benchmarks/scaling/sweep.py --only moe-4 moe-16  # some configurations
     python benchmarks/scaling/sweep.py --prepare-only       # the corpus, for a Slurm array
     python benchmarks/scaling/sweep.py --report-only --runs runs/moe-sweep-1234
+    python benchmarks/scaling/sweep.py --sweep benchmarks/scaling/sweep_tiny.txt \\
+      --base benchmarks/scaling/base_tiny.yaml --vocab-size 1000 --work runs/scaling-tiny \\
+      --section capacity-limited            # the second, capacity-limited sweep
 
 The same configurations run as a Slurm job array (one run per task) with
 
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--section", default="results",
+                        help="the report's <!-- SECTION:begin/end --> markers to write between")
     parser.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = parser.parse_args()
     args.runs = args.runs or args.work / "runs"
@@ -133,7 +138,8 @@ def main() -> None:
                 print(message, flush=True)
     from report import write_report  # benchmarks/scaling/report.py
 
-    write_report(configurations, args.runs, args.report, command=" ".join(sys.argv[1:]))
+    write_report(configurations, args.runs, args.report, command=" ".join(sys.argv[1:]),
+                 section=args.section)
 
 
 if __name__ == "__main__":

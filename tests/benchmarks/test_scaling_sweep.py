@@ -22,7 +22,10 @@ sys.path.insert(0, str(SCALING))
 from sweep import read_sweep  # noqa: E402
 
 CONFIGURATIONS = read_sweep(SCALING / "sweep.txt")
-HAND_COUNT = 4 * 4 * 128 * (128 + 128)  # 4xLSTM-128: four LSTMs, four gates each
+TINY = read_sweep(SCALING / "sweep_tiny.txt")
+# 4xLSTM-d: four LSTMs, four gates each, d x (d + d) weights per gate.
+SWEEPS = {"main": (SCALING / "base.yaml", 128), "tiny": (SCALING / "base_tiny.yaml", 32)}
+CASES = [("main", *c) for c in CONFIGURATIONS] + [("tiny", *c) for c in TINY]
 
 
 def test_the_sweep_has_the_papers_family_and_ablation():
@@ -40,14 +43,16 @@ def test_the_sweep_has_the_papers_family_and_ablation():
     assert weights == {(0, 0), (0.1, 0), (0, 0.1), (0.1, 0.1)}
 
 
-@pytest.mark.parametrize("name,overrides", CONFIGURATIONS, ids=[n for n, _ in CONFIGURATIONS])
-def test_every_configuration_loads_and_is_compute_matched(name, overrides):
-    config = _train_config(overrides)
-    base = lm_preset(config.model.preset, 8000).to_dict()
+@pytest.mark.parametrize("sweep,name,overrides", CASES, ids=[f"{s}-{n}" for s, n, _ in CASES])
+def test_every_configuration_loads_and_is_compute_matched(sweep, name, overrides):
+    base_yaml, width = SWEEPS[sweep]
+    config = _train_config(overrides, base_yaml)
+    base = lm_preset(config.model.preset, 1000).to_dict()
     model = LMConfig.from_dict({**base, **config.model.overrides})  # validates moe_overrides
-    assert model.d_model == 128
-    ops = preset_budget(config.model.preset, 8000).ops_per_timestep
-    assert HAND_COUNT <= ops <= 1.13 * HAND_COUNT
+    assert model.d_model == width
+    hand_count = 4 * 4 * width * (width + width)
+    ops = preset_budget(config.model.preset, 1000).ops_per_timestep
+    assert hand_count <= ops <= 1.13 * hand_count
 
 
 def test_slurm_array_task_reads_the_same_line():
@@ -64,5 +69,5 @@ def test_slurm_array_task_reads_the_same_line():
         assert (got_name, got_overrides.split()) == (name, overrides)
 
 
-def _train_config(overrides):
-    return load_train_config(SCALING / "base.yaml", [*overrides, "data.corpus=corpus"])
+def _train_config(overrides, base_yaml=SCALING / "base.yaml"):
+    return load_train_config(base_yaml, [*overrides, "data.corpus=corpus"])

@@ -123,6 +123,25 @@ LM_PRESETS.update({
         _moe(256, SMALL_H, k=2, num_groups=16), SMALL_D)),
 })
 
+# The capacity-limited family (benchmarks/scaling, second sweep): a sixteenth of the paper's
+# width (d=32, expert hidden 64), ~33K multiply-adds per time step, so that a few million
+# tokens are many per dense parameter -- the regime where the paper's dense models stop
+# improving and experts add capacity at no extra compute.
+TINY_D, TINY_H = 32, 64
+
+
+def _tiny_lm(layers: Callable[[], list[LayerConfig]]) -> Callable[[int | None], LMConfig]:
+    return lambda vocab_size=None: _lm(layers(), vocab_size or 1000, d=TINY_D, dropout=0.0)
+
+
+LM_PRESETS.update({
+    "tiny-4xlstm": _tiny_lm(lambda: [_lstm(TINY_D) for _ in range(4)]),
+    "tiny-moe-1-wide": _tiny_lm(lambda: _lstm_moe_lstm(
+        LayerConfig(kind="ffn", hidden_size=4 * TINY_H, output_sigmoid=True), TINY_D)),
+    **{f"tiny-moe-{n}": _tiny_lm(lambda n=n: _lstm_moe_lstm(_moe(n, TINY_H), TINY_D))
+       for n in (4, 16, 64, 256)},
+})
+
 # The paper's compute-matched comparison (Table 7), in its order.
 PAPER_LM_TABLE = ("4xlstm-512", "lstm-2048-512", "moe-1-wide", "moe-1-deep", "moe-4", "moe-32",
                   "moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")
