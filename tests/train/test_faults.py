@@ -307,14 +307,18 @@ def _equal(a, b) -> bool:
 @pytest.mark.timeout(300)
 def test_nan_on_one_rank_skips_the_step_and_a_run_of_them_stops(wt_corpus, tmp_path):
     run_dir = tmp_path / "nan"
-    base = ["run.save_every=1", "run.keep_last=10", "run.max_nonfinite_steps=2"]
+    base = ["run.save_every=1", "run.keep_last=10", "run.max_nonfinite_steps=2",
+            "deepspeed.gradient_accumulation_steps=2"]
     # Step 3's loss is NaN on rank 1 only: both ranks skip the update.
     status, output = _run(_overrides(wt_corpus, run_dir, *base, steps=3), ranks="1", nan_steps="3")
     assert status == 0, output[-3000:]
     checkpoints = run_dir / "checkpoints"
     before, after = _states(checkpoints / "step_00000002"), _states(checkpoints / "step_00000003")
-    assert _equal(after, before), "the skipped step changed parameters or optimizer state"
+    assert _equal(after, before), "the skipped step changed parameters, optimizer or schedule"
     assert not _equal(_states(checkpoints / "step_00000001"), before)  # taken steps do change them
+    engine = torch.load(checkpoints / "step_00000003" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    assert (engine["global_steps"], engine["skipped_steps"]) == (3, 1)  # DeepSpeed's counters
     assert read_metric(run_dir, "train_skipped_steps") == {1: 0.0, 2: 0.0, 3: 1.0}
     assert str(read_metric(run_dir, "train_loss")[3]) == "nan"
     # Resumed: steps 5 and 6 are NaN, the limit is 2: the run stops, step 4's checkpoint stays.
