@@ -98,7 +98,8 @@ def test_counting_on_meta_does_not_allocate():
 SMALL_FAMILY = ("small-4xlstm", "small-lstm-512-128", "small-moe-1-wide", "small-moe-4",
                 "small-moe-16", "small-moe-64", "small-moe-256", "small-moe-64-h",
                 "small-moe-256-h")
-TINY_FAMILY = ("tiny-4xlstm", "tiny-moe-1-wide", "tiny-moe-4", "tiny-moe-16", "tiny-moe-64")
+TINY_FAMILY = ("tiny-4xlstm", "tiny-moe-1-wide", "tiny-moe-4", "tiny-moe-16", "tiny-moe-64",
+               "tiny-moe-64-h", "tiny-moe-256-h")
 
 
 @pytest.mark.parametrize("name", SMALL_FAMILY + TINY_FAMILY)

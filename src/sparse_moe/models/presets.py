@@ -140,6 +140,12 @@ LM_PRESETS.update({
         LayerConfig(kind="ffn", hidden_size=4 * TINY_H, output_sigmoid=True), TINY_D)),
     **{f"tiny-moe-{n}": _tiny_lm(lambda n=n: _lstm_moe_lstm(_moe(n, TINY_H), TINY_D))
        for n in (4, 16, 64, 256)},
+    # At d=32 a flat gate over 256 experts costs half the per-step budget; hierarchical gates
+    # stay within it.
+    "tiny-moe-64-h": _tiny_lm(lambda: _lstm_moe_lstm(_moe(64, TINY_H, k=2, num_groups=8),
+                                                     TINY_D)),
+    "tiny-moe-256-h": _tiny_lm(lambda: _lstm_moe_lstm(_moe(256, TINY_H, k=2, num_groups=16),
+                                                      TINY_D)),
 })
 
 # The paper's compute-matched comparison (Table 7), in its order.
