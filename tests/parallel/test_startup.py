@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sparse_moe.parallel.startup import use_environment_extension_dir
+
 REPO = Path(__file__).resolve().parents[2]
 
 START = """
@@ -26,6 +28,7 @@ def _baton() -> Path | None:
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
+    use_environment_extension_dir()  # where the started process will build and look
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     return None if builder is None else Path(_get_build_directory(builder.name, False)) / "lock"
 
@@ -46,3 +49,15 @@ def test_start_succeeds_despite_a_stale_extension_lock(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started 1" in proc.stdout
     assert not baton.exists()
+
+
+def test_ops_build_inside_the_virtual_environment(monkeypatch):
+    """Two environments sharing torch's ~/.cache default rebuild the op for each other."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", "/envs/a")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    use_environment_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/envs/a/torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    use_environment_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"  # an explicit choice wins

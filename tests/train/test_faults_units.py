@@ -123,3 +123,23 @@ def test_collective_failures_are_told_from_other_errors():
     assert is_collective_failure(RuntimeError("Timed out waiting 1800000ms for recv operation"))
     assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_collective_failure(ValueError("Connection closed by peer"))
+
+
+@pytest.mark.parametrize("error,status", [("CheckpointWriteError", 74), ("NonFiniteLimitError", 65),
+                                          ("CollectiveFailure", 69)])
+def test_command_line_returns_the_faults_status_with_one_message(error, status, monkeypatch,
+                                                                  capsys):
+    """No traceback after the trainer's own message; the status tells the job script why."""
+    from sparse_moe.train import cli, errors, trainer
+
+    class FailingTrainer:
+        def __init__(self, config):
+            pass
+
+        def run(self):
+            raise getattr(errors, error)(f"{error} at step 7")
+
+    monkeypatch.setattr(trainer, "Trainer", FailingTrainer)
+    monkeypatch.setattr(cli, "check_inputs", lambda config, source: None)
+    assert cli.main(["data.corpus=x"]) == status
+    assert capsys.readouterr().err == f"sparse-moe-train: error: {error} at step 7\n"

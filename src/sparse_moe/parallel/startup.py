@@ -10,11 +10,18 @@ leaves the file behind, and every later start then waits on it forever.
 kernel releases when its holder dies. Every start in this project goes through it, so while
 the ``fcntl`` lock is held no other process can be inside the window and a leftover baton
 is stale: it is removed. DeepSpeed caches loaded ops, so its own load then returns at once.
+
+Inside a virtual environment the op is built under ``<venv>/torch_extensions`` unless
+``TORCH_EXTENSIONS_DIR`` says otherwise: torch's shared default (``~/.cache``) holds one build
+per op name, and two environments (two checkouts, a CI clone) would rebuild it for each
+other at every start (about 90 s each).
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,8 +40,15 @@ def _shm_builder():
     return builder
 
 
+def use_environment_extension_dir() -> None:
+    """Builds JIT ops inside the active virtual environment, unless told otherwise."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
 def load_deepspeed_comm_ops() -> None:
     """Loads DeepSpeed's CPU comm op under an fcntl lock, clearing a stale torch baton."""
+    use_environment_extension_dir()
     builder = _shm_builder()
     if builder is None:
         return

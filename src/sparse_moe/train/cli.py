@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from sparse_moe.config_io import ConfigError
+from sparse_moe.train.errors import TrainingAborted
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sparse-moe-train: configuration error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:  # a fault: failed save, non-finite limit, dead rank...
+        if not getattr(err, "reported", False):
+            print(f"sparse-moe-train: error: {err}", file=sys.stderr)
+        return err.exit_status
     except input_errors() as err:
         print(f"sparse-moe-train: input error: {err}", file=sys.stderr)
         return 2

@@ -198,7 +198,15 @@ class Trainer:
             if self.rank == 0:
                 print(f"run.resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return
-        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        try:
+            path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
+            if is_collective_failure(err):
+                raise
+            raise TrainingAborted(
+                f"run.resume: could not load {self.checkpoint_dir / tag} (named by "
+                f"{self.checkpoint_dir / 'latest'}): expected a complete checkpoint of this "
+                f"model and layout, found {type(err).__name__}: {err}") from err
         if path is None:
             raise TrainingAborted(f"run.resume: {self.checkpoint_dir / 'latest'} names {tag}, but "
                                   f"{self.checkpoint_dir / tag} holds no loadable checkpoint")
@@ -232,6 +240,7 @@ class Trainer:
         """The error's message on stderr, before the traceback, once (or once per rank)."""
         if every_rank or self.rank == 0:
             print(f"sparse-moe-train: error: {err}", file=sys.stderr, flush=True)
+        err.reported = True  # the command line prints nothing more
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config.run
