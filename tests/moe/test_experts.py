@@ -61,8 +61,11 @@ def test_padded_rows_fill_each_experts_block_in_order():
     assert index.tolist() == [0, 1, 6, 7, 8]
 
 
-def test_padding_is_chosen_only_for_small_balanced_groups():
+def test_padding_is_chosen_only_for_small_balanced_groups(monkeypatch):
     x = torch.zeros(100, 4)
+    assert use_padded_batches(x, torch.tensor([25, 25, 25, 25]))  # equal groups: free padding
+    assert not use_padded_batches(x, torch.tensor([26, 24, 25, 25]))  # the default pads nothing
+    monkeypatch.setattr(experts_module, "CPU_PADDED_MAX_WASTE", 2.0)
     assert use_padded_batches(x, torch.tensor([25, 25, 25, 25]))
     assert not use_padded_batches(x, torch.tensor([97, 1, 1, 1]))  # 4x the rows padded
     assert use_padded_batches(x, torch.tensor([50, 20, 20, 10]))  # 2x

@@ -51,9 +51,12 @@ def group_offsets(tokens_per_group: Tensor) -> Tensor:
     return torch.cumsum(tokens_per_group, dim=0, dtype=torch.int32)
 
 
-# CPU: at most this many rows (real and padding) per real row for the padded bmm path:
-# the largest of 256 random groups of 32 rows is already ~1.5x their mean.
-CPU_PADDED_MAX_WASTE = 2.0
+# CPU: at most this many rows (real and padding) per real row for the padded bmm path. 1.0:
+# only equal groups (strict balancing, k = num_experts), where padding is free. On a quiet
+# 2-core CPU the grouped loop beats padding random groups (64 experts: 1.23x against 1.41x
+# the dense ideal; 256: 1.57x against 1.70x); on busy cores padding wins by far (7.2 s
+# against 0.54 s), so shared machines may raise it (2.0 covers random groups of 32 rows).
+CPU_PADDED_MAX_WASTE = 1.0
 # CPU: groups of at least this many rows (on average) stay on the grouped GEMM.
 CPU_PADDED_MAX_MEAN_ROWS = 1024
 
@@ -65,8 +68,8 @@ def use_padded_batches(x: Tensor, tokens_per_expert: Tensor) -> bool:
     OpenMP region: with many small groups the threads spend their time starting and
     synchronising (measured on 2 cores: 256 groups of 128 rows, 7.2 s grouped against 0.54 s
     as one ``bmm``). A ``bmm`` over groups padded to the largest one does the same products
-    in one call, and pays off while the padding stays small and the groups small; on GPUs
-    the grouped kernel (CUTLASS) has neither cost.
+    in one call, and pays off while the padding stays small and the groups small
+    (``CPU_PADDED_MAX_WASTE``); on GPUs the grouped kernel (CUTLASS) has neither cost.
     """
     if x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES or x.shape[0] == 0:
         return False
