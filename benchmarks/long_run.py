@@ -24,22 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT / ".." / "shared" / "data"
 
-
-def build_corpus(work: Path, vocab_size: int, train_bytes: int) -> tuple[Path, Path]:
-    """The first ``train_bytes`` of WikiText-2's train.txt, with a tokenizer trained on them."""
-    text = (SHARED / "wikitext-2" / "train.txt").read_bytes()[:train_bytes]
-    train = work / "train.txt"
-    train.write_bytes(text[: text.rfind(b"\n") + 1])
-    prefix, corpus = work / f"sp{vocab_size}", work / "corpus"
-    for command in (["tokenizer", "-i", str(train), "--model-prefix", str(prefix),
-                     "--vocab-size", str(vocab_size), "--num-threads", "2"],
-                    ["encode", "-i", str(train), "-t", f"{prefix}.model", "-o", str(corpus),
-                     "--split", "train", "--no-progress"]):
-        subprocess.run([sys.executable, "-m", "data_prep", *command], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-    return corpus, Path(f"{prefix}.model")
+from wikitext import build_corpus  # noqa: E402  (benchmarks/wikitext.py)
 
 
 def worker_pids(launcher: int) -> dict[int, int]:

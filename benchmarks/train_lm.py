@@ -27,24 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT / ".." / "shared" / "data"
 
-
-def build_corpus(work: Path, vocab_size: int, train_bytes: int) -> tuple[Path, Path]:
-    """WikiText-2 (the first ``train_bytes`` of train.txt) encoded with a fresh tokenizer."""
-    text = (SHARED / "wikitext-2" / "train.txt").read_bytes()[:train_bytes]
-    train = work / "train.txt"
-    train.write_bytes(text[: text.rfind(b"\n") + 1])
-    prefix = work / f"sp{vocab_size}"
-    corpus = work / "corpus"
-    # As subprocesses: benchmarks/data_prep.py would shadow the data_prep package here.
-    for command in (["tokenizer", "-i", str(train), "--model-prefix", str(prefix),
-                     "--vocab-size", str(vocab_size), "--num-threads", "2"],
-                    ["encode", "-i", str(train), "-t", f"{prefix}.model", "-o", str(corpus),
-                     "--split", "train", "--no-progress"]):
-        subprocess.run([sys.executable, "-m", "data_prep", *command], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-    return corpus, Path(f"{prefix}.model")
+from wikitext import build_corpus  # noqa: E402  (benchmarks/wikitext.py)
 
 
 def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, work: Path,
