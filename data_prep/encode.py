@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -144,7 +144,28 @@ class _InProcess:
         pass
 
 
-class _Threads:
+class _OrderedWindow:
+    """An ordered map over an executor with at most two jobs per worker in flight, so
+    reading the input never runs far ahead of encoding. Subclasses set ``pool``,
+    ``workers`` and the job function ``_run``."""
+
+    pool: Executor
+    workers: int
+
+    def map(self, jobs: Iterable) -> Iterator:
+        window: deque = deque()
+        for job in jobs:
+            window.append(self.pool.submit(self._run, job))
+            if len(window) >= 2 * self.workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class _Threads(_OrderedWindow):
     """Ordered map over threads sharing one SentencePiece processor.
 
     SentencePiece releases the GIL while it encodes, so threads encode on all cores with no
@@ -161,20 +182,8 @@ class _Threads:
         return [encode_documents(self.tokenizer, segments, per_doc, eos_mode, np.dtype(dtype))
                 for segments, per_doc in sides]
 
-    def map(self, jobs: Iterable) -> Iterator:
-        window: deque = deque()
-        for job in jobs:
-            window.append(self.pool.submit(self._run, job))
-            if len(window) >= 2 * self.workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
 
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
-
-
-class _Pool:
+class _Pool(_OrderedWindow):
     """Ordered map over a process pool with a bounded window, so reading never runs ahead."""
 
     def __init__(self, tokenizer_path: str, workers: int) -> None:
@@ -183,17 +192,7 @@ class _Pool:
                                         initializer=_init_pool_worker,
                                         initargs=(tokenizer_path, os.getpid()))
 
-    def map(self, jobs: Iterable) -> Iterator:
-        window: deque = deque()
-        for job in jobs:
-            window.append(self.pool.submit(encode_sides, job))
-            if len(window) >= 2 * self.workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+    _run = staticmethod(encode_sides)  # a module function: picklable for the worker processes
 
 
 # ---------------------------------------------------------------- output directory and manifest
