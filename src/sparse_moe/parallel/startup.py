@@ -65,10 +65,24 @@ def load_deepspeed_comm_ops() -> None:
             fcntl.flock(guard, fcntl.LOCK_UN)
 
 
+def import_before_init_process_group() -> None:
+    """Imports modules whose default arguments would otherwise capture the default group.
+
+    ``torch.distributed.nn.functional`` (imported by DeepSpeed on demand) declares
+    ``group=group.WORLD`` defaults, evaluated at import: imported after start-up they hold the
+    default process group for the life of the interpreter, so ``destroy_process_group`` cannot
+    free it and its gloo threads outlive Python's finalization (see
+    ``sparse_moe.train.distributed.shut_down_distributed``). Imported first, the default is
+    ``None``, which those functions read as the default group of the moment.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init_deepspeed_distributed(backend: str, timeout: timedelta | None = None) -> None:
     """``deepspeed.init_distributed`` after a safe load of its CPU comm op."""
     if dist.is_initialized():
         return
+    import_before_init_process_group()
     load_deepspeed_comm_ops()
     kwargs = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,

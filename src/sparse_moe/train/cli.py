@@ -25,7 +25,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    status = run_command(parse_args(argv))
+    from sparse_moe.train.distributed import shut_down_distributed
+    from sparse_moe.train.errors import CollectiveFailure
+
+    # After a failed collective the groups are left alone: their peers may be gone. Otherwise
+    # they are torn down here, once the trainer and any exception that held it are gone.
+    if status != CollectiveFailure.exit_status:
+        shut_down_distributed()
+    return status
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Trains; returns the exit status, with a one-line message for bad input and faults."""
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     try:
         from sparse_moe.train.config import load_train_config
@@ -34,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(config, str(args.config or "command line"))
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
-        summary = Trainer(config).run()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        if summary.get("preempted"):
+        if Trainer(config).run().get("preempted"):
             return EXIT_PREEMPTED
     except ConfigError as err:
         print(f"sparse-moe-train: configuration error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ derived from Slurm's variables; a plain ``python -m sparse_moe.train`` is a worl
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -69,6 +70,30 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
         device, backend = torch.device("cpu"), "gloo"
     init_deepspeed_distributed(backend, timeout=timedelta(minutes=timeout_minutes))
     return device
+
+
+
+def shut_down_distributed() -> None:
+    """Destroys every process group, and lets their threads finish, while Python is alive.
+
+    Call it once nothing refers to the engine, model or dispatchers any more. A gloo worker
+    thread that completes a collective then drops its work object, and with it the last
+    reference to tensors that Python had already let go of; freeing those takes the GIL. Once
+    the interpreter is finalizing, Python ends such a thread with ``pthread_exit`` inside a C++
+    destructor and the process aborts (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded: a race that busy cores make likely. DeepSpeed's
+    ``destroy_process_group`` destroys the groups and drops DeepSpeed's own references to them
+    (``deepspeed.utils.groups``); the collection then frees the groups that dead objects still
+    held, and each group's destructor joins its worker threads.
+    """
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    gc.collect()
 
 
 # Texts by which gloo, NCCL and the c10d store report a peer that went away or a timeout.

@@ -21,7 +21,7 @@ from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_y
 from sparse_moe.data import CorpusError, TokenizerError, load_tokenizer, open_corpus
 from sparse_moe.models.decoding import sample_text
 from sparse_moe.train.config import TrainConfig
-from sparse_moe.train.distributed import init_distributed
+from sparse_moe.train.distributed import init_distributed, shut_down_distributed
 from sparse_moe.train.preflight import (CheckpointError, check_checkpoint, checkpoint_tags,
                                         model_config)
 from sparse_moe.train.tasks import LanguageModelTask, make_task
@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    args = parser.parse_args(argv)
+    status = generate(parser.parse_args(argv))
+    shut_down_distributed()  # engine and groups gone before Python finalizes
+    return status
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Loads the run and prints a sample for every prompt; returns the exit status."""
     try:
         engine, task, tokenizer, _ = load_trained(args.run_dir, args.tag)
     except (ConfigError, CorpusError, TokenizerError, CheckpointError) as err:
