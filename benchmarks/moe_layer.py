@@ -10,7 +10,9 @@ Contenders, each at the same token count and expert size:
   deepspeed    deepspeed.moe.layer.MoE (its top-2 gate, capacity factor 1.25), k=2 only
 
 Each (contender, experts, k) runs in its own process, so peak memory is not polluted by the
-previous contender's freed buffers. Usage:
+previous contender's freed buffers. On CPU every contender keeps freed host memory for reuse,
+as the trainer does (``--host-memory glibc-default`` measures glibc's defaults instead, where
+every large buffer is faulted in afresh at each step). Usage:
 
     python benchmarks/moe_layer.py                  # the full table (d=512, hidden 1024, 8192 tokens)
     python benchmarks/moe_layer.py --quick          # a small, fast version (the demo)
@@ -25,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Case:
     device: str
     dtype: str
     repeats: int
+    host_memory: str = "retain"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,12 +146,15 @@ def _deepspeed_moe(d: int, h: int, n: int, k: int):
 
 
 class PeakMemory:
-    """Peak extra memory while running: CUDA allocator peak, or sampled RSS on CPU."""
+    """Peak memory of the steps above what the built contender holds.
+
+    CUDA: the allocator's peak. CPU: the process's high-water mark (VmHWM) minus its resident
+    size before the first step; nothing samples while the steps are timed.
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.peak = 0
-        self._stop = threading.Event()
 
     def __enter__(self):
         import torch
@@ -159,14 +164,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated()
         else:
             self._base = _rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss() - self._base)
-            time.sleep(0.002)
 
     def __exit__(self, *exc) -> None:
         import torch
@@ -174,8 +172,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self._base
         else:
-            self._stop.set()
-            self._thread.join()
+            self.peak = _high_water_mark() - self._base
 
 
 def _rss() -> int:
@@ -183,16 +180,26 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _high_water_mark() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def run_case(case: Case) -> dict:
     import torch
 
+    if case.device == "cpu" and case.host_memory == "retain":
+        from sparse_moe.train.host_memory import retain_freed_host_memory
+
+        retain_freed_host_memory()  # as the trainer does on CPU
     torch.manual_seed(0)
     step, tensors = _build(case)
     sync = torch.cuda.synchronize if case.device.startswith("cuda") else (lambda: None)
-    step()  # warm-up: allocator, kernels, DeepSpeed's lazy set-up
-    sync()
     times = []
     with PeakMemory(case.device) as memory:
+        step()  # warm-up: allocator, kernels, DeepSpeed's lazy set-up
+        sync()
         for _ in range(case.repeats):
             for tensor in tensors:
                 tensor.grad = None
@@ -218,7 +225,8 @@ def spawn(case: Case) -> dict:
 
 def cases_for(args) -> list[Case]:
     base = dict(d_model=args.d_model, d_hidden=args.d_hidden, tokens=args.tokens,
-                device=args.device, dtype=args.dtype, repeats=args.repeats)
+                device=args.device, dtype=args.dtype, repeats=args.repeats,
+                host_memory=args.host_memory)
     cases = []
     for n in args.experts:
         for contender, k in (("dense-ideal", args.k), ("sparse-moe", args.k),
@@ -242,6 +250,9 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--host-memory", default="retain", choices=["retain", "glibc-default"],
+                        help="CPU: keep freed memory for reuse, as the trainer does "
+                             "(sparse_moe.train.host_memory), or glibc's defaults")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     if args.worker:
@@ -272,7 +283,7 @@ def print_table(args, results) -> None:
 
     print(f"\nMoE layer forward+backward: d_model={args.d_model} d_hidden={args.d_hidden} "
           f"tokens={args.tokens} device={args.device} dtype={args.dtype} "
-          f"(median of {args.repeats})\n")
+          f"host memory={args.host_memory} (median of {args.repeats})\n")
     header = ("| experts | k | contender | time (ms) | peak mem (MiB) | vs dense ideal | "
               "vs deepspeed |")
     print(header)

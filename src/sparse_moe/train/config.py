@@ -41,6 +41,9 @@ class RunConfig:
     collective_timeout_minutes: float = 30.0
     # Steps in a row with a NaN/Inf loss or gradient (each skipped) before the run stops.
     max_nonfinite_steps: int = 10
+    # Training on CPU: keep freed host memory for reuse (glibc malloc) instead of returning it
+    # to the kernel and faulting it in again at the next step (train/host_memory.py).
+    retain_host_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "keep_last", "max_nonfinite_steps"):

@@ -51,6 +51,7 @@ from sparse_moe.train.distributed import (describe_collective_failure, init_dist
 from sparse_moe.train.ds_config import build_ds_config
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
 from sparse_moe.train.fault_injection import FaultInjection
+from sparse_moe.train.host_memory import retain_freed_host_memory
 from sparse_moe.train.nonfinite import NonFiniteGuard
 from sparse_moe.train.tasks import IGNORE, make_task
 
@@ -127,6 +128,8 @@ class Trainer:
         self.preemption = PreemptionFlag()  # before start-up: a signal then is not lost
         self.phase = "start-up"
         self.device = init_distributed(config.run.collective_timeout_minutes)
+        if self.device.type == "cpu" and config.run.retain_host_memory:
+            retain_freed_host_memory()  # before the model, engine and buffers are allocated
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.roll_call = roll_call_key()
         self.faults = FaultInjection.from_environment(self.rank)

@@ -1,0 +1,44 @@
+"""Freed host memory is reused without page faults once ``retain_freed_host_memory`` ran.
+
+The reference is the same process without the call: glibc then unmaps a freed 64 MiB block
+and the next one of the same size is faulted in page by page (the cost the setting removes).
+Each case runs in its own interpreter, since the setting is process-wide.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sparse_moe.train.host_memory import _glibc
+
+COUNT_FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "retain":
+    from sparse_moe.train.host_memory import retain_freed_host_memory
+    assert retain_freed_host_memory()
+size = 64 * 2**20 // 4
+for _ in range(2):  # the first round may grow the heap; the second shows reuse
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(size)
+    block.fill_(1.0)  # touch every page
+    del block
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", COUNT_FAULTS, mode], capture_output=True,
+                         text=True, timeout=120, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(_glibc() is None, reason="the setting is glibc's; other C libraries keep "
+                    "their own policy")
+def test_a_freed_block_is_reused_without_faulting_its_pages_in_again():
+    pages = 64 * 2**20 // 4096
+    assert _faults("default") > pages // 2  # glibc's default: a fresh mmap every time
+    assert _faults("retain") < pages // 20
