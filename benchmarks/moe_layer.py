@@ -3,9 +3,11 @@
 Contenders, each at the same token count and expert size:
   dense-ideal  one feed-forward network with hidden k*d_hidden: the multiply-adds of the k
                chosen experts with none of the routing (the ideal an MoE can only approach)
-  sparse-moe   this project's layer (noisy top-k, dropless; on CPU small expert groups
-               run as one padded bmm, see sparse_moe.moe.experts.use_padded_batches)
-  sparse-moe-grouped  the same layer always on the grouped GEMM (what CPUs got before)
+  sparse-moe   this project's layer (noisy top-k, dropless; on CPU the expert products
+               run on worker threads, equal groups as one padded bmm; see
+               sparse_moe.moe.experts.use_cpu_workers and use_padded_batches)
+  sparse-moe-grouped  the same layer with the padded path off (equal groups too take the
+               grouped product)
   naive-loop   the same gating, then a Python loop over experts with boolean masks
   deepspeed    deepspeed.moe.layer.MoE (its top-2 gate, capacity factor 1.25), k=2 only
 
@@ -79,7 +81,7 @@ def _build(case: Case):
     if case.contender == "sparse-moe-grouped":
         from sparse_moe.moe import experts
 
-        experts.CPU_PADDED_MAX_WASTE = 0.0  # never pad: every call takes the grouped GEMM
+        experts.CPU_PADDED_MAX_WASTE = 0.0  # never pad: every call takes the grouped product
     if case.contender in ("sparse-moe", "sparse-moe-grouped"):
         moe = MoE(MoEConfig(d, h, n, k=k)).to(device, dtype).train()
         return (lambda: _backward_moe(moe(x))), [x, *moe.parameters()]

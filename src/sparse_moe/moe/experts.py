@@ -203,10 +203,11 @@ def group_offsets(tokens_per_group: Tensor) -> Tensor:
 
 
 # CPU: at most this many rows (real and padding) per real row for the padded bmm path. 1.0:
-# only equal groups (strict balancing, k = num_experts), where padding is free. On a quiet
-# 2-core CPU the grouped loop beats padding random groups (64 experts: 1.23x against 1.41x
-# the dense ideal; 256: 1.57x against 1.70x); on busy cores padding wins by far (7.2 s
-# against 0.54 s), so shared machines may raise it (2.0 covers random groups of 32 rows).
+# only equal groups (strict balancing, k = num_experts), where padding is free and one bmm
+# matches a dense product. For random groups the padding (30-50% more rows) costs more than
+# the grouped products on worker threads lose (docs/benchmarks.md); before those workers, on
+# busy cores the padded path won by far (7.2 s against 0.54 s), so shared machines without
+# them (one intra-op thread) may raise it (2.0 covers random groups of 32 rows).
 CPU_PADDED_MAX_WASTE = 1.0
 # CPU: groups of at least this many rows (on average) stay on the grouped GEMM.
 CPU_PADDED_MAX_MEAN_ROWS = 1024
