@@ -158,3 +158,14 @@ def test_checkpoint_of_an_expert_parallel_run_loads_into_one_process(wt_corpus, 
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     line = sampled.stdout.strip().splitlines()[-1]  # DeepSpeed prints its notices first
     assert line.startswith("The") and len(line) > 3
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_wall_clock_breakdown_times_every_phase(wt_corpus, tmp_path):
+    """DeepSpeed's backward prologue runs (it starts the backward timers), so its breakdown works."""
+    proc = run_training(_base(wt_corpus, tmp_path / "run", 2, "deepspeed.wall_clock_breakdown=true",
+                              "data.eval_splits=[]"))
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if "time (ms) | fwd:" in line]
+    assert len(lines) == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert all("bwd_inner:" in line and "step:" in line for line in lines)

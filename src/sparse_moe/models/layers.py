@@ -9,8 +9,7 @@ pass, with the RNG state (dropout, gating noise) restored so the recomputation i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +21,17 @@ from sparse_moe.moe import MoEConfig, MoEOutput, build_moe
 LSTMState = tuple[Tensor, Tensor]
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What every model's forward returns.
 
     ``aux_loss`` is the sum of the MoE layers' weighted balancing losses (add it to the
     cross-entropy); ``moe_outputs`` are the per-layer results, so a trainer can log
     importance, load and counts per layer; ``state`` is the recurrent state to carry on.
+
+    A named tuple, because DeepSpeed's engine finds the output tensors to hook its backward
+    prologue on (timers, ZeRO's backward set-up) by walking tuples, lists and dicts only; with
+    a dataclass its prologue never ran and ``wall_clock_breakdown`` failed on an unstarted
+    timer.
     """
 
     logits: Tensor
