@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.train.conftest import REPO
+from tests.train.conftest import REPO, _free_port
 from tests.train.test_train_lm import _base
 
 # Runs the command line in-process, then writes down the threads Python did not start.
@@ -50,14 +50,6 @@ def _run(overrides: list[str], nproc: int, tmp_path) -> list[dict]:
                           timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(300)
