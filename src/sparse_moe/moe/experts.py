@@ -57,14 +57,13 @@ def use_cpu_workers(x: Tensor, num_groups: int) -> bool:
     PyTorch's CPU ``grouped_mm`` loops over the groups, each product its own OpenMP region
     over all cores. Giving each core its own share of the groups, one thread per product,
     does the same products without a barrier per group: measured on 2 cores with freed memory
-    kept (``sparse_moe.train.host_memory``), forward and both backward products of 256 groups
-    of 128 rows (512 -> 1024) take 581 ms against 658 ms in ``grouped_mm`` and 572 ms for one
-    dense product of the same size; 64 groups of 512 rows 531 ms against 601 ms. Needs a
-    group per worker at least (each weight gradient is one worker's product).
+    kept (``sparse_moe.train.host_memory``), forward and backward of 256 groups of 128 rows
+    (512 -> 1024) take 602 ms against 655 ms in ``grouped_mm`` and 576 ms for one dense
+    product of the same size; 64 groups of 512 rows 540 ms against 552 ms. Needs a group per
+    worker at least (each weight gradient is one worker's product).
     """
     threads = torch.get_num_threads()
-    return (x.device.type == "cpu" and threads > 1 and num_groups >= threads
-            and x.shape[0] > 0 and not torch.jit.is_scripting())
+    return x.device.type == "cpu" and threads > 1 and num_groups >= threads and x.shape[0] > 0
 
 
 class GemmWorkers:
@@ -100,6 +99,8 @@ class GemmWorkers:
         """The process's workers, one per intra-op thread of the caller."""
         threads = torch.get_num_threads()
         if cls._shared is None or cls._shared.count != threads:
+            if cls._shared is not None:
+                cls._shared.pool.shutdown(wait=False)  # the caller's thread count changed
             cls._shared = cls(threads)
         return cls._shared
 
