@@ -49,6 +49,7 @@ class Case:
     dtype: str
     repeats: int
     host_memory: str = "retain"
+    warmup: int = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +201,10 @@ def run_case(case: Case) -> dict:
     sync = torch.cuda.synchronize if case.device.startswith("cuda") else (lambda: None)
     times = []
     with PeakMemory(case.device) as memory:
-        step()  # warm-up: allocator, kernels, DeepSpeed's lazy set-up
+        for _ in range(case.warmup):  # kernels, DeepSpeed's lazy set-up, the heap's growth
+            for tensor in tensors:
+                tensor.grad = None
+            step()
         sync()
         for _ in range(case.repeats):
             for tensor in tensors:
@@ -228,7 +232,7 @@ def spawn(case: Case) -> dict:
 def cases_for(args) -> list[Case]:
     base = dict(d_model=args.d_model, d_hidden=args.d_hidden, tokens=args.tokens,
                 device=args.device, dtype=args.dtype, repeats=args.repeats,
-                host_memory=args.host_memory)
+                host_memory=args.host_memory, warmup=args.warmup)
     cases = []
     for n in args.experts:
         for contender, k in (("dense-ideal", args.k), ("sparse-moe", args.k),
@@ -249,6 +253,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed steps first; on CPU the heap grows for the first 3-4 steps "
+                             "of a large layer (each growth is fresh pages to fault in), after "
+                             "which every step reuses it, as a training run does")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -285,7 +293,8 @@ def print_table(args, results) -> None:
 
     print(f"\nMoE layer forward+backward: d_model={args.d_model} d_hidden={args.d_hidden} "
           f"tokens={args.tokens} device={args.device} dtype={args.dtype} "
-          f"host memory={args.host_memory} (median of {args.repeats})\n")
+          f"host memory={args.host_memory} "
+          f"(median of {args.repeats} after {args.warmup} untimed)\n")
     header = ("| experts | k | contender | time (ms) | peak mem (MiB) | vs dense ideal | "
               "vs deepspeed |")
     print(header)

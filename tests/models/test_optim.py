@@ -53,6 +53,32 @@ def test_factored_estimate_is_exact_for_rank1_and_approximate_otherwise():
     torch.testing.assert_close(est.sum(-2), full_rank.sum(-2))
 
 
+def test_factored_update_on_full_rank_gradients_matches_the_formula():
+    """Full-rank squares (where the estimate is not Adam's), in fp32 and for a bf16 parameter:
+    the step equals ``-lr g / (sqrt(R C^T / sum R / (1 - beta2^t)) + eps)`` written out."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        start = torch.randn(3, 5, 4, generator=g).to(dtype)
+        param = nn.Parameter(start.clone())
+        opt = FactoredAdam([param], lr=0.01, betas=(0.0, 0.9), eps=1e-3)
+        row = torch.zeros(3, 5, dtype=torch.float64)
+        col = torch.zeros(3, 4, dtype=torch.float64)
+        expected = start.double()
+        for t in range(1, 4):
+            grad = torch.randn(3, 5, 4, generator=g)
+            param.grad = grad.to(dtype)
+            opt.step()
+            square = grad.to(dtype).double() ** 2
+            row = 0.9 * row + 0.1 * square.sum(-1)
+            col = 0.9 * col + 0.1 * square.sum(-2)
+            second = factored_second_moment(row, col) / (1 - 0.9 ** t)
+            update = grad.to(dtype).double() / (second.sqrt() + 1e-3)
+            expected = (expected - 0.01 * update).to(dtype).double()
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(param.detach().double(), expected, rtol=tolerance,
+                                   atol=tolerance)
+
+
 def test_vectors_follow_adam_exactly():
     start = torch.randn(9, dtype=torch.float64)
     ours, ref = nn.Parameter(start.clone()), nn.Parameter(start.clone())

@@ -67,6 +67,12 @@ class FactoredAdam(Optimizer):
         return loss
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        """One step for ``p``, in as few passes over its elements as the math allows.
+
+        The step is memory-bound (an MoE layer's experts are most of the model's weights), so
+        the factored root is one broadcast ``addcmul`` (``sqrt(V) = sqrt(R / sum R) sqrt(C)``)
+        and the update one ``addcdiv_``, instead of a pass per operation.
+        """
         beta1, beta2 = group["betas"]
         grad = p.grad.float()
         state = self.state[p]
@@ -74,23 +80,29 @@ class FactoredAdam(Optimizer):
             self._init_state(p, state, group)
         state["step"] += 1
         t = state["step"]
-        grad_sq = grad * grad
+        second_correction = 1 - beta2 ** t
         if self.is_factored(p, group):
+            grad_sq = grad * grad
             state["row"].mul_(beta2).add_(grad_sq.sum(dim=-1), alpha=1 - beta2)
             state["col"].mul_(beta2).add_(grad_sq.sum(dim=-2), alpha=1 - beta2)
-            second = factored_second_moment(state["row"], state["col"])
+            del grad_sq
+            denom = factored_root(state["row"], state["col"], second_correction, group["eps"])
         else:
-            state["exp_avg_sq"].mul_(beta2).add_(grad_sq, alpha=1 - beta2)
-            second = state["exp_avg_sq"]
-        denom = (second / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / second_correction).sqrt_().add_(group["eps"])
+        step_size = group["lr"]
         if beta1 > 0:
             state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-            direction = state["exp_avg"] / (1 - beta1 ** t)
+            direction = state["exp_avg"]
+            step_size /= 1 - beta1 ** t
         else:
             direction = grad
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_((direction / denom).to(p.dtype), alpha=-group["lr"])
+        if p.dtype == direction.dtype:
+            p.addcdiv_(direction, denom, value=-step_size)
+        else:  # a half-precision parameter: the update is computed in fp32
+            p.add_((direction / denom).to(p.dtype), alpha=-step_size)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
@@ -108,6 +120,13 @@ def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
     """``row col^T / sum(row)`` per matrix: exact when the averaged squares are rank-1."""
     total = row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
     return (row / total).unsqueeze(-1) * col.unsqueeze(-2)
+
+
+def factored_root(row: Tensor, col: Tensor, correction: float, eps: float) -> Tensor:
+    """``sqrt(factored_second_moment(row, col) / correction) + eps``, written in one pass."""
+    total = row.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+    row_root = (row / (total * correction)).sqrt_()
+    return torch.addcmul(row.new_tensor(eps), row_root.unsqueeze(-1), col.sqrt().unsqueeze(-2))
 
 
 def optimizer_state_numel(optimizer: Optimizer) -> int:
