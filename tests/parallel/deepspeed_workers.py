@@ -19,7 +19,7 @@ from torch import nn
 from sparse_moe.moe import MoEConfig, build_moe
 from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelConfig,
                                  build_expert_parallel_moe, create_expert_parallel_groups,
-                                 moe_param_groups, shard_experts)
+                                 moe_param_groups, shard_experts, skip_allreduce_without_replicas)
 
 D = 8
 LR = 0.5
@@ -60,10 +60,12 @@ def _ds_config(stage: int, clip: float = 0.0) -> dict[str, Any]:
 
 
 def _engine(model: nn.Module, stage: int, clip: float = 0.0):
+    """The engine as the trainer builds it, all-reduce skipped where it has no replicas."""
     params = moe_param_groups(model)
     optimizer = torch.optim.SGD(params, lr=LR)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=_ds_config(stage, clip))
+    skip_allreduce_without_replicas(engine, optimizer)
     return engine
 
 
@@ -127,6 +129,27 @@ def zero_step_worker(rank: int, world: int, runs: list[tuple[int, float]]
                                   for p, q in zip(_build(seed=stage).parameters(),
                                                   reference.parameters()))
     return out
+
+
+def single_process_step_worker(rank: int, world: int) -> dict[str, Any]:
+    """One process, no ZeRO, clipping on: the engine (its all-reduce skipped) against plain
+    autograd, ``clip_grad_norm_`` and ``torch.optim.SGD`` on a copy of the same model."""
+    reference = _build(seed=5)
+    model = copy.deepcopy(reference)
+    x, g, noise = _batch(105, [6], 4)
+    ref_out = reference(x, noise)
+    ((ref_out.y * g).sum() + ref_out.aux_loss).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.optim.SGD(reference.parameters(), lr=LR).step()
+    engine = _engine(model, stage=0, clip=0.5)
+    result = engine(x, noise)
+    engine.backward((result.y * g).sum() + result.aux_loss)
+    engine.step()
+    diff = max(float((p.detach() - q.detach()).abs().max())
+               for p, q in zip(engine.module.parameters(), reference.parameters()))
+    moved = max(float((p.detach() - q.detach()).abs().max())
+                for p, q in zip(_build(seed=5).parameters(), reference.parameters()))
+    return {"diff": diff, "moved": moved, "allreduce": engine.enable_backward_allreduce}
 
 
 def built_in_place_worker(rank: int, world: int) -> dict[str, Any]:

@@ -20,3 +20,12 @@ def test_capacity_mode_drops_and_counts_like_the_rule():
         assert result["y"] <= 1e-5, f"rank {rank}: output differs by {result['y']:.3g}"
         assert result["expected_dropped_fraction"] > 0, "the scenario must overflow an expert"
         assert result["dropped_fraction"] == pytest.approx(result["expected_dropped_fraction"])
+
+
+@pytest.mark.timeout(180)
+def test_capacity_mode_without_expert_parallelism_drops_like_the_rule():
+    """EP=1 x DP=2: each rank runs every expert, with the same per-rank capacity rule."""
+    for rank, result in enumerate(run_distributed(capacity_worker, 2, 1, 0.75, timeout=150)):
+        assert result["y"] <= 1e-5, f"rank {rank}: output differs by {result['y']:.3g}"
+        assert result["expected_dropped_fraction"] > 0, "the scenario must overflow an expert"
+        assert result["dropped_fraction"] == pytest.approx(result["expected_dropped_fraction"])

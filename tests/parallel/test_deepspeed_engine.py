@@ -7,18 +7,30 @@ import pytest
 import torch
 
 from tests.parallel.deepspeed_workers import (built_in_place_worker, checkpoint_worker,
-                                              zero_step_worker)
+                                              single_process_step_worker, zero_step_worker)
 from tests.parallel.harness import run_distributed
 
 
 @pytest.mark.timeout(240)
-def test_zero1_and_zero2_step_matches_single_process_step():
-    """Plain SGD (scale-sensitive), and ZeRO-2 with clipping by the global gradient norm."""
-    results = run_distributed(zero_step_worker, 2, [(1, 0.0), (2, 0.0), (2, 0.5)], timeout=200)
+def test_zero0_zero1_and_zero2_step_matches_single_process_step():
+    """Plain SGD (scale-sensitive), and ZeRO-2 with clipping by the global gradient norm.
+
+    Without ZeRO the engine's own all-reduce averages the gradients: two processes must keep
+    it (``skip_allreduce_without_replicas`` leaves it on)."""
+    runs = [(0, 0.0), (1, 0.0), (2, 0.0), (2, 0.5)]
+    results = run_distributed(zero_step_worker, 2, runs, timeout=200)
     for rank, result in enumerate(results):
-        for key in ("zero1", "zero2", "zero2_clip"):
+        for key in ("zero0", "zero1", "zero2", "zero2_clip"):
             assert result[f"{key}_moved"] > 1e-2, "the step must change the parameters"
             assert result[key] <= 1e-5, f"{key} rank {rank}: parameters differ by {result[key]:.3g}"
+
+
+@pytest.mark.timeout(120)
+def test_one_process_skips_the_all_reduce_and_steps_like_plain_pytorch():
+    (result,) = run_distributed(single_process_step_worker, 1, timeout=100)
+    assert result["allreduce"] is False
+    assert result["moved"] > 1e-2, "the step must change the parameters"
+    assert result["diff"] <= 1e-6, f"parameters differ by {result['diff']:.3g}"
 
 
 @pytest.mark.timeout(240)

@@ -1,6 +1,7 @@
 """Expert-parallel layer == single-process layer fed the global batch (fp32, 1e-5).
 
-Layouts: EP=2 (world 2), EP=4 (world 4) and EP=2 x DP=2 (world 4); flat and hierarchical;
+Layouts: EP=2 (world 2), EP=4 (world 4), EP=2 x DP=2 (world 4) and EP=1 x DP=2 (world 2,
+where the dispatcher skips its all-to-alls); flat and hierarchical;
 plus the cases that hang other systems. Each job spawns its ranks once and runs several
 scenarios; a deadlock makes the job raise after its timeout instead of hanging.
 """
@@ -65,6 +66,15 @@ def ep4_results():
 
 
 @pytest.fixture(scope="module")
+def ep1_dp2_results():
+    scenarios = [s for s in EP2_SCENARIOS if s.name in EP1_SCENARIO_NAMES]
+    return run_distributed(equivalence_worker, 2, 1, scenarios, timeout=150)
+
+
+EP1_SCENARIO_NAMES = ["flat", "hierarchical", "empty_local_batch", "strict_balanced_eval"]
+
+
+@pytest.fixture(scope="module")
 def ep2_dp2_results():
     return run_distributed(equivalence_worker, 4, 2, WORLD4_SCENARIOS, timeout=200)
 
@@ -118,3 +128,9 @@ def test_ep4_world4_matches_single_process(ep4_results, name):
 @pytest.mark.parametrize("name", ["flat", "hierarchical", "empty_and_idle"])
 def test_ep2_dp2_world4_matches_single_process(ep2_dp2_results, name):
     _check(ep2_dp2_results, name)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", EP1_SCENARIO_NAMES)
+def test_ep1_dp2_world2_matches_single_process(ep1_dp2_results, name):
+    _check(ep1_dp2_results, name)

@@ -10,7 +10,8 @@
 from sparse_moe.parallel.comm import CommTimer, all_to_all_rows
 from sparse_moe.parallel.config import ExpertParallelConfig
 from sparse_moe.parallel.deepspeed_integration import (DeepSpeedExpertParallelMoE,
-                                                       mark_expert_parameters, moe_param_groups)
+                                                       mark_expert_parameters, moe_param_groups,
+                                                       skip_allreduce_without_replicas)
 from sparse_moe.parallel.dispatcher import ExpertParallelDispatcher, source_major_to_expert_major
 from sparse_moe.parallel.groups import (ExpertParallelGroups, create_expert_parallel_groups,
                                         expert_group_name)
@@ -23,5 +24,5 @@ __all__ = [
     "expert_group_name", "ExpertParallelDispatcher", "source_major_to_expert_major",
     "CommTimer", "all_to_all_rows", "DeepSpeedExpertParallelMoE", "mark_expert_parameters",
     "moe_param_groups", "RoutingMetrics", "routing_metrics", "build_expert_parallel_moe",
-    "check_layout", "expert_parameters", "shard_experts",
+    "check_layout", "expert_parameters", "shard_experts", "skip_allreduce_without_replicas",
 ]

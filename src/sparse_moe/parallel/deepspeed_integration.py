@@ -21,8 +21,10 @@ import re
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import groups as ds_groups
 from torch import Tensor, nn
 
@@ -58,6 +60,22 @@ def moe_param_groups(model: nn.Module, **optimizer_options: Any) -> list[dict[st
     group = {"params": [p for p in model.parameters() if p.requires_grad],
              "name": "dense-params", **optimizer_options}
     return split_params_into_different_moe_groups_for_optimizer(group)
+
+
+def skip_allreduce_without_replicas(engine: DeepSpeedEngine, client_optimizer: Any) -> bool:
+    """Turns the engine's gradient all-reduce off where there is nothing to reduce.
+
+    With one process and the client optimizer unwrapped (no ZeRO, no fp16 wrapper, whose
+    reductions live inside the optimizer), DeepSpeed's fallback all-reduce still flattens
+    every gradient into a bucket, reduces it over a group of one and copies it back: three
+    passes over all gradients per step, most of them experts' (about 20 ms per step for
+    MoE-32 on a 2-core CPU). Returns whether it was turned off.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != 1 or engine.optimizer is not client_optimizer:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
 
 
 class DeepSpeedExpertParallelMoE(DeepSpeedMoE):

@@ -52,7 +52,7 @@ class _EPContext:
     order: Tensor  # [A] sorted position -> routing position
     token_of_sorted: Tensor  # [A] token index of each sorted assignment
     kept_rows: Tensor | None  # [A_kept] sorted positions within capacity (None: all kept)
-    expert_major: Tensor  # [R] received row of each expert-sorted row
+    expert_major: Tensor | None  # [R] received row of each expert-sorted row (None: ep_size 1)
     input_splits: list[int]  # rows sent to each rank of the group
     output_splits: list[int]  # rows received from each rank of the group
     padded: bool  # one zero row was appended for the experts (nothing received)
@@ -97,15 +97,20 @@ class ExpertParallelDispatcher:
         send_tokens = token_of_sorted if kept_rows is None else token_of_sorted[kept_rows]
         send = x.index_select(0, send_tokens)
 
-        group, timer = self.groups.expert_parallel, self.counters.timer
-        recv_counts = exchange_counts(send_counts, group, timer).view(self.ep_size, -1)
-        input_splits = send_counts.view(self.ep_size, -1).sum(dim=1).tolist()
-        output_splits = recv_counts.sum(dim=1).tolist()
-        received = all_to_all_rows(send, output_splits, input_splits, group, timer)
-
-        expert_major = source_major_to_expert_major(recv_counts)
-        tokens = received.index_select(0, expert_major)
-        tokens_per_expert = recv_counts.sum(dim=0)
+        if self.ep_size == 1:
+            # Data parallelism only: this rank owns every expert, and the rows are already in
+            # expert order; the all-to-alls and the reordering would only copy them.
+            tokens, tokens_per_expert = send, send_counts
+            expert_major, input_splits, output_splits = None, [], []
+        else:
+            group, timer = self.groups.expert_parallel, self.counters.timer
+            recv_counts = exchange_counts(send_counts, group, timer).view(self.ep_size, -1)
+            input_splits = send_counts.view(self.ep_size, -1).sum(dim=1).tolist()
+            output_splits = recv_counts.sum(dim=1).tolist()
+            received = all_to_all_rows(send, output_splits, input_splits, group, timer)
+            expert_major = source_major_to_expert_major(recv_counts)
+            tokens = received.index_select(0, expert_major)
+            tokens_per_expert = recv_counts.sum(dim=0)
         self.counters.received = tokens.shape[0]
         padded = tokens.shape[0] == 0
         if padded:
@@ -126,12 +131,15 @@ class ExpertParallelDispatcher:
                 num_tokens: int) -> Tensor:
         if context.padded:
             expert_output = expert_output[:0]
-        source_major = expert_output
-        if expert_output.shape[0]:  # expert-major rows back to (source rank, expert) blocks
-            source_major = torch.empty_like(expert_output).index_copy(
-                0, context.expert_major, expert_output)
-        returned = all_to_all_rows(source_major, context.input_splits, context.output_splits,
-                                   self.groups.expert_parallel, self.counters.timer)
+        returned = expert_output
+        if context.expert_major is not None:
+            source_major = expert_output
+            if expert_output.shape[0]:  # expert-major rows back to (source rank, expert) blocks
+                source_major = torch.empty_like(expert_output).index_copy(
+                    0, context.expert_major, expert_output)
+            returned = all_to_all_rows(source_major, context.input_splits,
+                                       context.output_splits, self.groups.expert_parallel,
+                                       self.counters.timer)
         if context.kept_rows is not None:
             full = returned.new_zeros(context.order.numel(), returned.shape[1])
             returned = full.index_copy(0, context.kept_rows, returned)

@@ -43,7 +43,7 @@ from sparse_moe.models.layers import MoELayer
 from sparse_moe.optim import build_optimizer, build_scheduler
 from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelDispatcher,
                                  create_expert_parallel_groups, moe_param_groups, routing_metrics,
-                                 shard_experts)
+                                 shard_experts, skip_allreduce_without_replicas)
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (describe_collective_failure, init_distributed,
@@ -188,6 +188,7 @@ class Trainer:
         self.guard = NonFiniteGuard(optimizer)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
+        skip_allreduce_without_replicas(engine, optimizer)
         if engine.optimizer is not optimizer:
             self.guard.disable()  # DeepSpeed's wrapper (ZeRO, bf16, fp16) skips bad steps itself
         # fp16 overflows are the loss scaler's business; only a non-finite loss counts there.
