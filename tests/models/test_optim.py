@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sparse_moe.models import MoELSTMLanguageModel, compose_loss, lm_preset
+from sparse_moe.optim import factored_adam
 from sparse_moe.optim import (FactoredAdam, OptimizerConfig, ScheduleConfig, build_optimizer,
                               build_scheduler, factored_second_moment, optimizer_state_numel)
 
@@ -53,9 +54,12 @@ def test_factored_estimate_is_exact_for_rank1_and_approximate_otherwise():
     torch.testing.assert_close(est.sum(-2), full_rank.sum(-2))
 
 
-def test_factored_update_on_full_rank_gradients_matches_the_formula():
+@pytest.mark.parametrize("chunk", [1 << 20, 40])  # all 3 matrices at once; 2, then 1
+def test_factored_update_on_full_rank_gradients_matches_the_formula(chunk, monkeypatch):
     """Full-rank squares (where the estimate is not Adam's), in fp32 and for a bf16 parameter:
-    the step equals ``-lr g / (sqrt(R C^T / sum R / (1 - beta2^t)) + eps)`` written out."""
+    the step equals ``-lr g / (sqrt(R C^T / sum R / (1 - beta2^t)) + eps)`` written out,
+    whether the stacked matrices are updated together or in chunks."""
+    monkeypatch.setattr(factored_adam, "FACTORED_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         start = torch.randn(3, 5, 4, generator=g).to(dtype)
