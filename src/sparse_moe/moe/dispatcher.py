@@ -104,9 +104,31 @@ def weighted_unpermute(expert_output: Tensor, routing: Routing, order: Tensor,
     if routing.per_token is not None:
         inverse = torch.empty_like(order).scatter_(
             0, order, torch.arange(order.numel(), device=order.device))
-        unsorted = expert_output.index_select(0, inverse).view(num_tokens, routing.per_token, d_out)
+        unsorted = permute_rows(expert_output, inverse, order).view(num_tokens, routing.per_token,
+                                                                    d_out)
         gates = routing.weight.to(expert_output.dtype).view(num_tokens, 1, routing.per_token)
         return torch.bmm(gates, unsorted).squeeze(1)
     weight = routing.weight.index_select(0, order).to(expert_output.dtype)
     out = expert_output.new_zeros(num_tokens, d_out)
     return out.index_add(0, token_of_sorted, expert_output * weight.unsqueeze(-1))
+
+
+def permute_rows(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """``x.index_select(0, index)`` for a permutation ``index`` whose inverse is ``inverse``.
+
+    Autograd would undo a gather with an ``index_add`` into zeros; a permutation's gradient is
+    just the gather by the inverse, which skips the zero fill and the serial accumulation.
+    """
+    return _PermuteRows.apply(x, index, inverse)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None

@@ -66,10 +66,10 @@ def prob_in_top_k(clean: Tensor, noise_std: Tensor, noisy: Tensor, top_values: T
     """
     threshold_if_in = top_values[:, k:k + 1]
     threshold_if_out = top_values[:, k - 1:k]
-    is_in = noisy > threshold_if_in
-    prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
-    prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
-    return torch.where(is_in, prob_if_in, prob_if_out)
+    # Picking the threshold before the CDF (rather than both CDFs, then one of them) gives
+    # the same values and gradients with one normal CDF per entry instead of two.
+    threshold = torch.where(noisy > threshold_if_in, threshold_if_in, threshold_if_out)
+    return torch.special.ndtr((clean - threshold) / noise_std)
 
 
 def noisy_top_k(clean: Tensor, raw_noise_std: Tensor | None, k: int, noise: Tensor | None,
