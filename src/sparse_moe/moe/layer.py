@@ -20,7 +20,8 @@ from sparse_moe.moe.dispatcher import (LocalDispatcher, TokenDispatcher, sort_by
                                        stable_argsort)
 from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul, group_offsets
 from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
-                                   gate_dtype, noisy_top_k, per_expert_sum, top_k_routing)
+                                   gate_and_noise_logits, gate_dtype, noisy_top_k, per_expert_sum,
+                                   top_k_routing)
 
 
 @dataclass
@@ -222,12 +223,15 @@ class HierarchicalMoE(_MoEBase):
         dtype = gate_dtype(flat)
         x_pairs = flat.to(dtype).index_select(0, token)
         offsets = group_offsets(tokens_per_group)
-        clean = grouped_matmul(x_pairs, self.w_gate.to(dtype), offsets)
         raw_std = None
         if self.w_noise is not None and self.training:
-            raw_std = grouped_matmul(x_pairs, self.w_noise.to(dtype), offsets)
+            clean, raw_std = gate_and_noise_logits(
+                x_pairs, self.w_gate.to(dtype), self.w_noise.to(dtype),
+                lambda rows, weight: grouped_matmul(rows, weight, offsets))
             if noise is not None:
                 noise = noise[token, group]
+        else:
+            clean = grouped_matmul(x_pairs, self.w_gate.to(dtype), offsets)
         return noisy_top_k(clean, raw_std, self.config.k, noise, self.config.noise_epsilon)
 
     def _hierarchical_load(self, first, second, group: Tensor, tokens_per_group: Tensor,
