@@ -19,6 +19,9 @@ every large buffer is faulted in afresh at each step). Usage:
     python benchmarks/moe_layer.py                  # the full table (d=512, hidden 1024, 8192 tokens)
     python benchmarks/moe_layer.py --quick          # a small, fast version (the demo)
     python benchmarks/moe_layer.py --device cuda --dtype bf16
+    python benchmarks/moe_layer.py --contenders dense-ideal sparse-moe --rounds 5
+
+The vs-dense-ideal column gives, with several rounds, the range of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -257,6 +260,11 @@ def main() -> None:
                         help="untimed steps first; on CPU the heap grows for the first 3-4 steps "
                              "of a large layer (each growth is fresh pages to fault in), after "
                              "which every step reuses it, as a training run does")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole sweep this many times, contenders interleaved; "
+                             "report each case's median over the rounds and the range of its "
+                             "per-round ratio to the dense ideal (drift on a shared machine then "
+                             "hits every contender alike)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -270,15 +278,29 @@ def main() -> None:
         return
     if args.quick:
         args.d_model, args.d_hidden, args.tokens, args.experts = 256, 512, 2048, [4, 16, 64]
-    results = []
-    for case in cases_for(args):
-        result = spawn(case)
-        results.append((case, result))
-        print(f"  measured {case.contender:12s} n={case.num_experts:<4d} k={case.k}: "
-              f"{_fmt_time(result)}", file=sys.stderr, flush=True)
+    cases = cases_for(args)
+    rounds: list[list[dict]] = [[] for _ in cases]
+    for round_number in range(args.rounds):
+        for case, measured in zip(cases, rounds):
+            result = spawn(case)
+            measured.append(result)
+            print(f"  round {round_number + 1}: measured {case.contender:12s} "
+                  f"n={case.num_experts:<4d} k={case.k}: {_fmt_time(result)}",
+                  file=sys.stderr, flush=True)
+    results = [(case, merge_rounds(measured)) for case, measured in zip(cases, rounds)]
     print_table(args, results)
     if args.json:
         args.json.write_text(json.dumps([{**asdict(c), **r} for c, r in results], indent=1))
+
+
+def merge_rounds(measured: list[dict]) -> dict:
+    """One case over the rounds: the median time, the largest peak, every round's time."""
+    errors = [r for r in measured if "error" in r]
+    if errors:
+        return errors[0]
+    return {"seconds": statistics.median(r["seconds"] for r in measured),
+            "peak_bytes": max(r["peak_bytes"] for r in measured),
+            "round_seconds": [r["seconds"] for r in measured]}
 
 
 def _fmt_time(result: dict) -> str:
@@ -291,10 +313,20 @@ def print_table(args, results) -> None:
     def seconds(contender, n, k):
         return by_key.get((contender, n, k), {}).get("seconds")
 
+    def ratio_to_ideal(result, n, k) -> str:
+        ideal = by_key.get(("dense-ideal", n, k), {})
+        if "seconds" not in ideal:
+            return ""
+        text = f"{result['seconds'] / ideal['seconds']:.2f}x"
+        if len(result["round_seconds"]) > 1:
+            per_round = [a / b for a, b in zip(result["round_seconds"], ideal["round_seconds"])]
+            text += f" ({min(per_round):.2f}-{max(per_round):.2f})"
+        return text
+
     print(f"\nMoE layer forward+backward: d_model={args.d_model} d_hidden={args.d_hidden} "
           f"tokens={args.tokens} device={args.device} dtype={args.dtype} "
           f"host memory={args.host_memory} "
-          f"(median of {args.repeats} after {args.warmup} untimed)\n")
+          f"(median of {args.repeats} after {args.warmup} untimed; {args.rounds} round(s))\n")
     header = ("| experts | k | contender | time (ms) | peak mem (MiB) | vs dense ideal | "
               "vs deepspeed |")
     print(header)
@@ -303,9 +335,8 @@ def print_table(args, results) -> None:
         if "error" in r:
             print(f"| {c.num_experts} | {c.k} | {c.contender} | error: {r['error']} | | | |")
             continue
-        ideal = seconds("dense-ideal", c.num_experts, c.k)
         ds = seconds("deepspeed", c.num_experts, c.k)
-        vs_ideal = f"{r['seconds'] / ideal:.2f}x" if ideal else ""
+        vs_ideal = ratio_to_ideal(r, c.num_experts, c.k)
         vs_ds = f"{r['seconds'] / ds:.2f}x" if ds and c.contender != "deepspeed" else ""
         print(f"| {c.num_experts} | {c.k} | {c.contender} | {r['seconds'] * 1e3:.1f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {vs_ideal} | {vs_ds} |")

@@ -97,20 +97,8 @@ class ExpertParallelDispatcher:
         send_tokens = token_of_sorted if kept_rows is None else token_of_sorted[kept_rows]
         send = x.index_select(0, send_tokens)
 
-        if self.ep_size == 1:
-            # Data parallelism only: this rank owns every expert, and the rows are already in
-            # expert order; the all-to-alls and the reordering would only copy them.
-            tokens, tokens_per_expert = send, send_counts
-            expert_major, input_splits, output_splits = None, [], []
-        else:
-            group, timer = self.groups.expert_parallel, self.counters.timer
-            recv_counts = exchange_counts(send_counts, group, timer).view(self.ep_size, -1)
-            input_splits = send_counts.view(self.ep_size, -1).sum(dim=1).tolist()
-            output_splits = recv_counts.sum(dim=1).tolist()
-            received = all_to_all_rows(send, output_splits, input_splits, group, timer)
-            expert_major = source_major_to_expert_major(recv_counts)
-            tokens = received.index_select(0, expert_major)
-            tokens_per_expert = recv_counts.sum(dim=0)
+        tokens, tokens_per_expert, expert_major, input_splits, output_splits = (
+            self._exchange(send, send_counts))
         self.counters.received = tokens.shape[0]
         padded = tokens.shape[0] == 0
         if padded:
@@ -131,20 +119,42 @@ class ExpertParallelDispatcher:
                 num_tokens: int) -> Tensor:
         if context.padded:
             expert_output = expert_output[:0]
-        returned = expert_output
-        if context.expert_major is not None:
-            source_major = expert_output
-            if expert_output.shape[0]:  # expert-major rows back to (source rank, expert) blocks
-                source_major = torch.empty_like(expert_output).index_copy(
-                    0, context.expert_major, expert_output)
-            returned = all_to_all_rows(source_major, context.input_splits,
-                                       context.output_splits, self.groups.expert_parallel,
-                                       self.counters.timer)
+        returned = self._return_rows(expert_output, context)
         if context.kept_rows is not None:
             full = returned.new_zeros(context.order.numel(), returned.shape[1])
             returned = full.index_copy(0, context.kept_rows, returned)
         return weighted_unpermute(returned, routing, context.order, context.token_of_sorted,
                                   num_tokens)
+
+    def _exchange(self, send: Tensor, send_counts: Tensor):
+        """Rows sorted by global expert -> this rank's experts' rows, sorted by local expert.
+
+        Returns the rows, the rows per local expert, the expert-major permutation (None when
+        nothing moved) and the all-to-all splits.
+        """
+        if self.ep_size == 1:
+            # Data parallelism only: this rank owns every expert and the rows are already in
+            # expert order; the all-to-alls and the reordering would only copy them.
+            return send, send_counts, None, [], []
+        group, timer = self.groups.expert_parallel, self.counters.timer
+        recv_counts = exchange_counts(send_counts, group, timer).view(self.ep_size, -1)
+        input_splits = send_counts.view(self.ep_size, -1).sum(dim=1).tolist()
+        output_splits = recv_counts.sum(dim=1).tolist()
+        received = all_to_all_rows(send, output_splits, input_splits, group, timer)
+        expert_major = source_major_to_expert_major(recv_counts)
+        return (received.index_select(0, expert_major), recv_counts.sum(dim=0), expert_major,
+                input_splits, output_splits)
+
+    def _return_rows(self, expert_output: Tensor, context: _EPContext) -> Tensor:
+        """Undoes ``_exchange``: the experts' outputs back to the ranks that sent the rows."""
+        if context.expert_major is None:
+            return expert_output
+        source_major = expert_output
+        if expert_output.shape[0]:  # expert-major rows back to (source rank, expert) blocks
+            source_major = torch.empty_like(expert_output).index_copy(
+                0, context.expert_major, expert_output)
+        return all_to_all_rows(source_major, context.input_splits, context.output_splits,
+                               self.groups.expert_parallel, self.counters.timer)
 
     def reduce_statistics(self, values: Tensor) -> Tensor:
         """Sums over the data-parallel group (differentiably for floating-point values)."""
