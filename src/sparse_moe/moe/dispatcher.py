@@ -104,8 +104,8 @@ def weighted_unpermute(expert_output: Tensor, routing: Routing, order: Tensor,
     if routing.per_token is not None:
         inverse = torch.empty_like(order).scatter_(
             0, order, torch.arange(order.numel(), device=order.device))
-        unsorted = permute_rows(expert_output, inverse, order).view(num_tokens, routing.per_token,
-                                                                    d_out)
+        unsorted = permute_rows(expert_output, inverse, order)
+        unsorted = unsorted.view(num_tokens, routing.per_token, d_out)
         gates = routing.weight.to(expert_output.dtype).view(num_tokens, 1, routing.per_token)
         return torch.bmm(gates, unsorted).squeeze(1)
     weight = routing.weight.index_select(0, order).to(expert_output.dtype)

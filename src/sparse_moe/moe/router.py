@@ -11,6 +11,7 @@ rounding, and the normal CDF of the load estimator underflows in half precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,8 @@ def noisy_top_k(clean: Tensor, raw_noise_std: Tensor | None, k: int, noise: Tens
 
 
 def gate_and_noise_logits(x: Tensor, w_gate: Tensor, w_noise: Tensor,
-                          product=torch.matmul) -> tuple[Tensor, Tensor]:
+                          product: Callable[[Tensor, Tensor], Tensor] = torch.matmul
+                          ) -> tuple[Tensor, Tensor]:
     """``(x @ w_gate, x @ w_noise)`` as one product against the two matrices side by side.
 
     ``x`` is read once instead of twice in the forward pass and in each backward product, and
