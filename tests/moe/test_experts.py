@@ -47,6 +47,7 @@ def loop_reference(x, counts, weights, biases):
 def test_every_path_equals_the_loop(path, counts, layers, bias, monkeypatch, threads):
     waste, num_threads = PATHS[path]
     monkeypatch.setattr(experts_module, "CPU_PADDED_MAX_WASTE", waste)
+    monkeypatch.setattr(experts_module, "ROW_BLOCK", 2)  # groups of 3-7 rows span blocks
     threads(num_threads)
     torch.manual_seed(len(counts) * 10 + layers)
     module = GroupedFFNExperts(len(counts), 6, 10, 5, hidden_layers=layers, bias=bias)

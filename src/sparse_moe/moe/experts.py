@@ -156,10 +156,22 @@ def _rows_times_groups(a: Tensor, b: Tensor, sizes: tuple[int, ...],
                        workers: GemmWorkers) -> Tensor:
     """``out[rows of g] = a[rows of g] @ b[g]`` with every worker on its share of the rows."""
     out = a.new_empty(a.shape[0], b.shape[2])
-    tasks = [[_mm_task(a[lo:hi], b[g], out[lo:hi]) for lo, hi, g in share]
+    tasks = [[_mm_task(a[lo:hi], b[g], out[lo:hi]) for lo, hi, g in _in_blocks(share)]
              for share in _row_slices(sizes, workers.count)]
     workers.run(tasks)
     return out
+
+
+# Row products run on blocks of at most this many rows, so that a large group's output comes
+# in pieces that are still in cache when they are used next. One thread, 512 -> 1024, MKL:
+# 99.5 GFLOP/s on blocks of 512 rows against 92.3 on one block of 8192; 4 experts' forward and
+# backward (groups of 8192 rows) take 1076-1098 ms against 1126-1136 ms unblocked.
+ROW_BLOCK = 512
+
+
+def _in_blocks(share: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    return [(lo, min(hi, lo + ROW_BLOCK), g) for start, hi, g in share
+            for lo in range(start, hi, ROW_BLOCK)]
 
 
 def _weight_gradients(x: Tensor, grad_out: Tensor, sizes: tuple[int, ...],
