@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_moe.moe import HierarchicalMoE, MoE, MoEConfig
+from sparse_moe.moe import HierarchicalMoE, MoE, MoEConfig, prob_in_top_k
 
 D, N, K = 6, 8, 2
 SAMPLES = 40_000
@@ -86,6 +86,51 @@ def test_load_gradient_matches_finite_differences():
         return torch.func.functional_call(moe, params, (x,), {"noise": noise}).load
 
     assert torch.autograd.gradcheck(load, (w_gate, w_noise), eps=1e-6, atol=1e-5)
+
+
+def _load_probability_by_cases(clean, std, noisy, top_values, k):
+    """P(x, i) written as the paper's two cases, each through its own normal CDF."""
+    in_top_k = noisy > top_values[:, k:k + 1]
+    prob_if_in = torch.special.ndtr((clean - top_values[:, k:k + 1]) / std)
+    prob_if_out = torch.special.ndtr((clean - top_values[:, k - 1:k]) / std)
+    return torch.where(in_top_k, prob_if_in, prob_if_out)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_load_probability_and_gradients_match_the_two_case_formula(k):
+    """The fused load probability against the paper's cases, values and every gradient."""
+    torch.manual_seed(6)
+    clean = torch.randn(20, N, dtype=torch.float64, requires_grad=True)
+    raw_std = torch.randn(20, N, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(20, N, dtype=torch.float64)
+    weights = torch.rand(20, N, dtype=torch.float64)  # a non-uniform incoming gradient
+
+    def loss(formula):
+        std = F.softplus(raw_std) + 1e-2
+        noisy = clean + noise * std
+        top_values = noisy.topk(k + 1, dim=-1).values
+        prob = formula(clean, std, noisy, top_values, k)
+        return prob, (prob * weights).sum()
+
+    expected, expected_loss = loss(_load_probability_by_cases)
+    expected_grads = torch.autograd.grad(expected_loss, (clean, raw_std))
+    got, got_loss = loss(prob_in_top_k)
+    got_grads = torch.autograd.grad(got_loss, (clean, raw_std))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_load_probability_gradcheck():
+    torch.manual_seed(7)
+    clean = torch.randn(6, N, dtype=torch.float64, requires_grad=True)
+    std = (torch.rand(6, N, dtype=torch.float64) + 0.5).requires_grad_()
+    noisy = clean.detach() + torch.randn(6, N, dtype=torch.float64) * std.detach()
+    # Thresholds just above the top logits: no entry sits on a threshold, where the choice
+    # between the two thresholds (a comparison) would jump under the finite differences.
+    top_values = (noisy.topk(K + 1, dim=-1).values + 1e-3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, s, t: prob_in_top_k(c, s, noisy, t, K),
+                                    (clean, std, top_values))
 
 
 @torch.no_grad()
