@@ -217,12 +217,13 @@ def _verify(args, command) -> int:
 
 
 def _inspect(args, command) -> int:
-    from sparse_moe.data.corpus import open_corpus
+    from sparse_moe.data.corpus import open_corpus, path_from_manifest
     from sparse_moe.data.tokenizer import load_tokenizer
 
     corpus = open_corpus(args.corpus)
     manifest = corpus.manifest
-    tokenizer_path = args.tokenizer or manifest["tokenizer"]["file"]
+    tokenizer_path = args.tokenizer or path_from_manifest(manifest["tokenizer"]["file"],
+                                                          args.corpus)
     tokenizer = load_tokenizer(tokenizer_path) if Path(tokenizer_path).exists() else None
     print(json.dumps({k: manifest[k] for k in ("tokenizer", "dtype")}, indent=2))
     for name, entry in manifest["splits"].items():

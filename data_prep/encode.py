@@ -32,7 +32,8 @@ import multiprocessing
 import numpy as np
 
 from sparse_moe.data.corpus import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
-                                    load_manifest, write_manifest)
+                                    load_manifest, path_from_manifest, path_in_manifest,
+                                    write_manifest)
 from sparse_moe.data.indexed import ShardWriter, check_shard_files, fault_point, token_dtype
 from sparse_moe.data.tokenizer import load_tokenizer
 
@@ -215,7 +216,8 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
     with other settings, unless ``overwrite``; keeps the verified shards of an unfinished split.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    identity = tokenizer.identity()
+    identity = {**tokenizer.identity(),
+                "file": path_in_manifest(tokenizer.identity()["file"], directory)}
     if (directory / MANIFEST_NAME).exists():
         manifest = load_manifest(directory)
         original = copy.deepcopy(manifest)
@@ -223,9 +225,10 @@ def prepare_split(directory: Path, tokenizer, dtype: np.dtype, split_settings: d
         if recorded["sha256"] != identity["sha256"] or manifest["dtype"] != dtype.name:
             if not overwrite:
                 raise DataPrepError(
-                    f"{directory} already holds a corpus encoded with tokenizer {recorded['file']} "
+                    f"{directory} already holds a corpus encoded with tokenizer "
+                    f"{path_from_manifest(recorded['file'], directory)} "
                     f"(sha256 {recorded['sha256'][:16]}..., dtype {manifest['dtype']}); expected "
-                    f"the same tokenizer, found {identity['file']} (sha256 "
+                    f"the same tokenizer, found {tokenizer.path} (sha256 "
                     f"{identity['sha256'][:16]}..., dtype {dtype.name}). Choose another "
                     "--output or pass --overwrite to replace it")
             for split in list(manifest["splits"]):

@@ -20,7 +20,7 @@ def encode_corpus(spec: SourceSpec, options: EncodeOptions,
                   command: list[str] | None = None) -> tuple[EncodeSummary, dict]:
     """Encodes one split of a monolingual corpus (text, JSONL, Parquet, saved or hub dataset)."""
     stats = ReadStats()
-    source = spec.describe()
+    source = spec.describe(options.output)
 
     def chunks() -> Iterator[tuple]:
         return ((chunk,) for chunk in iter_chunks(spec, stats, options.chunk_bytes))
@@ -105,7 +105,7 @@ def encode_parallel(options: EncodeOptions, spec: SourceSpec, source: str | None
                 "per line, in the same order)")
     files = [p for p in (src_path, tgt_path, tsv_path) if p is not None]
     described = SourceSpec([str(p) for p in files], format="text", encoding=spec.encoding,
-                           errors=spec.errors).describe()
+                           errors=spec.errors).describe(options.output)
     described["layout"] = "tsv" if tsv_path else "aligned files"
     splits = [f"{options.split}.{src_lang}", f"{options.split}.{tgt_lang}"]
     stats = ReadStats()

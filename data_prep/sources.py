@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from sparse_moe.data.corpus import path_in_manifest
+
 DOC_MODES = ("line", "paragraph")
 ERROR_POLICIES = ("error", "replace", "skip")
 FORMATS = ("auto", "text", "json", "parquet", "csv", "arrow", "saved", "hub")
@@ -55,8 +57,11 @@ class SourceSpec:
             raise DataPrepError(f"inputs mix formats {sorted(formats)}; pass --format")
         return formats.pop()
 
-    def describe(self) -> dict:
-        """Identity of the input (paths, sizes, mtimes): a resumed run must see the same input."""
+    def describe(self, directory: str | Path | None = None) -> dict:
+        """Identity of the input (paths, sizes, mtimes): a resumed run must see the same input.
+
+        Paths inside ``directory`` (the corpus being written) are recorded relative to it.
+        """
         fmt = self.resolved_format()
         files = []
         if fmt != "hub":
@@ -68,7 +73,8 @@ class SourceSpec:
                 if Path(name).is_file() and stat.st_size == 0:
                     raise DataPrepError(f"input file {name} is empty: expected text to encode, "
                                         "found 0 bytes")
-                files.append({"path": str(Path(name).resolve()), "bytes": stat.st_size,
+                path = path_in_manifest(name, directory) if directory else str(Path(name).resolve())
+                files.append({"path": path, "bytes": stat.st_size,
                               "mtime_ns": stat.st_mtime_ns})
         return {"format": fmt, "inputs": files if files else list(self.inputs),
                 "field": self.field, "doc_mode": self.doc_mode, "encoding": self.encoding,

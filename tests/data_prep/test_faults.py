@@ -184,7 +184,29 @@ def _unprivileged(command: list[str]) -> list[str]:
         return command
     setpriv = shutil.which("setpriv")
     assert setpriv, "running as root needs util-linux's setpriv to drop privileges"
-    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
+    dropped = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    _assert_readable_by_unprivileged_user(dropped)
+    return [*dropped, *command]
+
+
+def _assert_readable_by_unprivileged_user(dropped: list[str]) -> None:
+    """The checkout and its virtual environment must be readable by the unprivileged user.
+
+    Otherwise the command fails to start for a reason that has nothing to do with what the
+    test checks; say so instead of failing on the command's output.
+    """
+    probe = subprocess.run([*dropped, sys.executable, "-c", "import data_prep.cli"],
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                           text=True, timeout=120, cwd="/")
+    if probe.returncode != 0:
+        unreadable = [str(p) for p in [*reversed(REPO.parents), REPO]
+                      if not (p.stat().st_mode & 0o005) == 0o005]
+        pytest.fail(f"this test runs data_prep as user {NOBODY} (nobody), who cannot import it "
+                    f"from the checkout {REPO} with {sys.executable}: "
+                    f"{probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}. "
+                    f"Folders not readable and searchable by others: {unreadable or 'none'}; "
+                    "make the checkout readable by others (chmod o+rx on each) to run it",
+                    pytrace=False)
 
 
 def test_unwritable_output_names_the_path_and_keeps_finished_shards(wt_file, spm_model,

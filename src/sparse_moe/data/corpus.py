@@ -33,10 +33,16 @@ def load_manifest(directory: str | os.PathLike) -> dict:
                           "manifest that `python -m data_prep encode` writes, found no such "
                           "file)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+        manifest = json.loads(text)
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{path}: expected a JSON manifest, found bytes that are not UTF-8 "
+                          f"text ({error.reason} at byte {error.start}); restore it or re-run "
+                          "the encode") from None
+    except json.JSONDecodeError as error:
         raise CorpusError(f"{path}: expected a JSON manifest, found text that is not valid "
-                          f"JSON ({error}); restore it or re-run the encode") from None
+                          f"JSON ({json_problem(text, error)}); restore it or re-run the "
+                          "encode") from None
     if not isinstance(manifest, dict):
         raise CorpusError(f"{path}: expected a JSON object at the top level, found "
                           f"{type(manifest).__name__}")
@@ -45,6 +51,59 @@ def load_manifest(directory: str | os.PathLike) -> dict:
                           f"{MANIFEST_FORMAT!r}")
     _check_manifest_fields(path, manifest)
     return manifest
+
+
+def json_problem(text: str, error: json.JSONDecodeError) -> str:
+    """What is wrong with ``text``, in words that do not depend on where the corpus lives.
+
+    A manifest cut short (a full disk, a copy interrupted) is the common case; its decode
+    position depends on the length of every path recorded before the cut, so it is named as
+    a cut instead. Other damage (a hand edit) is located by line and column.
+    """
+    if not text.strip():
+        return "the file is empty"
+    if _ends_inside_a_value(text):
+        return "the text ends before its outermost object is closed: cut short?"
+    return f"{error.msg} at line {error.lineno} column {error.colno}"
+
+
+def _ends_inside_a_value(text: str) -> bool:
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+    return in_string or depth > 0
+
+
+def path_in_manifest(path: str | os.PathLike, directory: str | os.PathLike) -> str:
+    """How a manifest records a file: relative to the corpus directory when inside it.
+
+    A corpus prepared on one machine is often read from another mount; a tokenizer or input
+    kept inside the corpus directory then still resolves, and the manifest's bytes do not
+    depend on where the directory lives. Files elsewhere keep their absolute path.
+    """
+    absolute = Path(path).resolve()
+    try:
+        return absolute.relative_to(Path(directory).resolve()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def path_from_manifest(recorded: str, directory: str | os.PathLike) -> Path:
+    """The file a manifest entry names (the inverse of :func:`path_in_manifest`)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(directory) / path
 
 
 _TOKENIZER_FIELDS = {"file": str, "sha256": str, "vocab_size": int, "eos_id": int, "pad_id": int}
@@ -104,8 +163,9 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
         raise
 
 
-def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
+def check_tokenizer(manifest: dict, tokenizer, directory: Path) -> None:
     """Refuses a tokenizer (path, or object with ``sha256``/``vocab_size``) the corpus wasn't made with."""
+    where = str(directory / MANIFEST_NAME)
     if isinstance(tokenizer, (str, os.PathLike)):
         sha, vocab, name = sha256_file(tokenizer), None, str(tokenizer)
     else:
@@ -113,7 +173,8 @@ def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     recorded = manifest["tokenizer"]
     shown = "" if vocab is None else f", vocabulary {vocab}"
     if sha != recorded["sha256"]:
-        raise CorpusError(f"{where}: corpus was encoded with tokenizer {recorded['file']} "
+        raise CorpusError(f"{where}: corpus was encoded with tokenizer "
+                          f"{path_from_manifest(recorded['file'], directory)} "
                           f"(sha256 {recorded['sha256'][:16]}..., vocabulary "
                           f"{recorded['vocab_size']}); expected that tokenizer, but was given "
                           f"{name} (sha256 {sha[:16]}...{shown})")
@@ -237,7 +298,7 @@ def open_corpus(directory: str | os.PathLike, tokenizer=None, verify: bool = Fal
     directory = Path(directory)
     manifest = load_manifest(directory)
     if tokenizer is not None:
-        check_tokenizer(manifest, tokenizer, str(directory / MANIFEST_NAME))
+        check_tokenizer(manifest, tokenizer, directory)
     if verify:
         bad = {name: p for name, p in verify_corpus(directory).items() if p}
         if bad:

@@ -74,7 +74,7 @@ class FactoredAdam(Optimizer):
         and the update one ``addcdiv_``, instead of a pass per operation.
         """
         beta1, beta2 = group["betas"]
-        grad = p.grad.float()
+        grad = p.grad.to(state_dtype(p))
         state = self.state[p]
         if not state:
             self._init_state(p, state, group)
@@ -102,14 +102,26 @@ class FactoredAdam(Optimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
+        dtype = state_dtype(p)
         if self.is_factored(p, group):
-            state["row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
-            state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32,
+            state["row"] = torch.zeros(p.shape[:-1], dtype=dtype, device=p.device)
+            state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=dtype,
                                        device=p.device)
         else:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         if group["betas"][0] > 0:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """fp32 state for fp32 and half-precision parameters; fp64 for an fp64 parameter.
+
+    Half-precision moments lose the small squared gradients that the root divides by, so they
+    are kept in fp32. An fp64 parameter (a numerical reference, a gradient check) keeps fp64
+    state: rounding its update through fp32 would make it no better than an fp32 one, and
+    comparisons against an fp64 reference would then need fp32 tolerances.
+    """
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:

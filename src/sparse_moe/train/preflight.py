@@ -133,11 +133,23 @@ def _load_model_states(folder: Path) -> dict[str, Any]:
 
 
 def _check_zip(path: Path) -> None:
-    """torch.save writes a zip archive; a truncated or overwritten file is not one any more."""
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: expected a checkpoint file saved by torch (a zip "
-                              f"archive), found {path.stat().st_size} bytes that are not one "
-                              "(truncated or overwritten?)")
+    """torch.save writes a zip archive; a truncated or overwritten file is not one any more.
+
+    The message says which (a file's size depends on the paths recorded in it, so it is not
+    quoted: the same damage reads the same wherever the run directory lives).
+    """
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        found = "an empty file"
+    elif head == b"PK\x03\x04":
+        found = "one whose end (the archive's directory) is missing: truncated?"
+    else:
+        found = "a file that does not begin like one: overwritten?"
+    raise CheckpointError(f"{path}: expected a checkpoint file saved by torch (a zip "
+                          f"archive), found {found}")
 
 
 def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig,
