@@ -217,3 +217,27 @@ def _noise_for(engine, x, noise):
     if layer.config.hierarchical:
         return None
     return noise[: x.shape[0]]
+
+
+def oversized_expert_group_worker(rank: int, world: int, stage: int) -> dict[str, Any]:
+    """Expert tensors above DeepSpeed's ``max_group_size`` (lowered here to 100 elements, so
+    that one stacked tensor of 4 x 8 x 16 exceeds it, as MoE-1024-h's do at the real limit):
+    the optimizer, its warmup scheduler and the engine agree on the groups and step."""
+    from sparse_moe.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
+
+    model = _shard(_build(seed=7), create_expert_parallel_groups(1))
+    groups = moe_param_groups(model, max_group_size=100)
+    optimizer = build_optimizer(groups, OptimizerConfig(lr=0.01))
+    scheduler = build_scheduler(optimizer, ScheduleConfig(warmup_steps=4))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=_ds_config(stage))
+    x, g, noise = _batch(11, [6], 4)
+    lrs = []
+    for _ in range(2):
+        out = engine(x, noise)
+        engine.backward((out.y * g).sum() + out.aux_loss)
+        engine.step()
+        lrs.append(engine.get_lr())
+    return {"groups": len(optimizer.param_groups), "expert_groups": sum(
+        bool(group.get("moe")) for group in groups), "lrs": lrs,
+        "empty": sum(not group["params"] for group in optimizer.param_groups)}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.parallel.deepspeed_workers import (built_in_place_worker, checkpoint_worker,
+                                              oversized_expert_group_worker,
                                               single_process_step_worker, zero_step_worker)
 from tests.parallel.harness import run_distributed
 
@@ -58,3 +59,15 @@ def test_layer_built_shard_only_is_synchronised_by_the_engine():
         assert result["expert_shapes"] == [(2, 8, 16), (2, 16, 8)]
         for name, value in result["dense"].items():
             assert torch.equal(value, results[0]["dense"][name]), f"rank {rank}: {name}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_expert_tensors_above_deepspeeds_group_limit_step_with_the_scheduler(stage):
+    """DeepSpeed splits expert groups at ``max_group_size`` and emits an empty group before a
+    tensor larger than that; the engine dropped it after the scheduler had counted it, and the
+    first step failed. Every expert tensor in its own group, none empty, the lr on schedule."""
+    (result,) = run_distributed(oversized_expert_group_worker, 1, stage, timeout=100)
+    assert result["empty"] == 0
+    assert result["expert_groups"] == 3  # each stacked weight alone (512 > 100), the biases (96)
+    assert result["lrs"] == [[0.01 * 2 / 4] * result["groups"], [0.01 * 3 / 4] * result["groups"]]

@@ -5,7 +5,7 @@ from sparse_moe.models.budget import Budget, count_budget, preset_budget
 from sparse_moe.models.config import LayerConfig, LMConfig, TranslationConfig, load_model_config
 from sparse_moe.models.decoding import (Hypothesis, beam_search, greedy_decode, sample_lm,
                                         sample_text)
-from sparse_moe.models.layers import ModelOutput
+from sparse_moe.models.layers import MoEFactory, ModelOutput, build_full_moe
 from sparse_moe.models.lm import MoELSTMLanguageModel
 from sparse_moe.models.loss import LossParts, compose_loss, perplexity
 from sparse_moe.models.presets import (LM_PRESETS, PAPER_LM_TABLE, TRANSLATION_PRESETS, lm_preset,
@@ -13,11 +13,13 @@ from sparse_moe.models.presets import (LM_PRESETS, PAPER_LM_TABLE, TRANSLATION_P
 from sparse_moe.models.translation import MoETranslationModel
 
 
-def build_model(config: LMConfig | TranslationConfig) -> MoELSTMLanguageModel | MoETranslationModel:
-    """The model a config describes."""
+def build_model(config: LMConfig | TranslationConfig, moe_factory: MoEFactory = build_full_moe
+                ) -> MoELSTMLanguageModel | MoETranslationModel:
+    """The model a config describes; ``moe_factory`` builds its MoE layers (all experts by
+    default; ``sparse_moe.parallel.parallelize`` builds one rank's share)."""
     if isinstance(config, TranslationConfig):
-        return MoETranslationModel(config)
-    return MoELSTMLanguageModel(config)
+        return MoETranslationModel(config, moe_factory)
+    return MoELSTMLanguageModel(config, moe_factory)
 
 
 __all__ = [
@@ -26,5 +28,5 @@ __all__ = [
     "sample_text",
     "ModelOutput", "MoELSTMLanguageModel", "LossParts", "compose_loss", "perplexity",
     "LM_PRESETS", "PAPER_LM_TABLE", "TRANSLATION_PRESETS", "lm_preset", "translation_preset",
-    "MoETranslationModel", "build_model",
+    "MoETranslationModel", "build_model", "MoEFactory", "build_full_moe",
 ]

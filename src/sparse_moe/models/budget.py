@@ -70,16 +70,10 @@ def module_ops(module: nn.Module) -> int:
         if isinstance(sub, nn.LSTM):
             ops += lstm_ops(sub)
         elif isinstance(sub, MoELayer):
-            ops += moe_ops(_moe_config(sub.moe))
+            ops += moe_ops(sub.moe.config)
         elif isinstance(sub, FFNLayer):
             ops += sum(lin.in_features * lin.out_features for lin in sub.linears)
     return ops
-
-
-def _moe_config(moe: nn.Module) -> MoEConfig:
-    """The layer's config, also when an expert-parallel wrapper holds the layer."""
-    inner = getattr(moe, "deepspeed_moe", moe)
-    return getattr(moe, "config", None) or inner.config
 
 
 def count_budget(model: nn.Module, extra_ops: int = 0) -> Budget:

@@ -86,16 +86,29 @@ class LSTMLayer(nn.Module):
         return out, new_state
 
 
+# Builds the MoE of a model's ``index``-th MoE layer (0, 1, ... in model order) from its
+# config. The default holds every expert; ``sparse_moe.parallel.parallelize`` passes one that
+# builds this rank's experts only, wrapped for DeepSpeed, so the models never see processes.
+MoEFactory = Callable[[MoEConfig, int], nn.Module]
+
+
+def build_full_moe(config: MoEConfig, index: int) -> nn.Module:
+    """Every expert in this process (the default ``MoEFactory``)."""
+    return build_moe(config)
+
+
 class MoELayer(nn.Module):
     """The sparsely-gated MoE on every position of ``[B, T, d]``, then dropout and residual.
 
     With a ``mask`` (``[B, T]`` bool), only the kept positions are routed; the others get a
-    zero MoE output (so just the residual).
+    zero MoE output (so just the residual). ``moe`` is the layer itself when it was built
+    elsewhere (by a ``MoEFactory``); by default it holds all experts.
     """
 
-    def __init__(self, config: MoEConfig, dropout: float = 0.0, residual: bool = True) -> None:
+    def __init__(self, config: MoEConfig, dropout: float = 0.0, residual: bool = True,
+                 moe: nn.Module | None = None) -> None:
         super().__init__()
-        self.moe = build_moe(config)
+        self.moe = moe if moe is not None else build_moe(config)
         self.d_out = config.d_out
         self.residual = residual and config.d_out == config.d_model
         self.dropout = nn.Dropout(dropout)

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.models.config import LayerConfig, LMConfig
-from sparse_moe.models.layers import (FFNLayer, LSTMLayer, LSTMState, MoELayer, ModelOutput,
-                                      maybe_checkpoint, sum_aux_losses)
+from sparse_moe.models.layers import (FFNLayer, LSTMLayer, LSTMState, MoEFactory, MoELayer,
+                                      ModelOutput, build_full_moe, maybe_checkpoint,
+                                      sum_aux_losses)
 
 LM_MOE_DEFAULTS = {"output_sigmoid": True}
 
@@ -42,9 +43,11 @@ class MoELSTMLanguageModel(nn.Module):
     ``ModelOutput`` with ``[B, T, vocab]`` logits, the summed balancing loss, the per-layer
     ``MoEOutput`` list and the new recurrent state (one ``(h, c)`` per LSTM layer, ``None``
     for other layers), so text can be generated one step at a time.
+
+    ``moe_factory`` builds each MoE layer's MoE (see ``MoEFactory``; all experts by default).
     """
 
-    def __init__(self, config: LMConfig) -> None:
+    def __init__(self, config: LMConfig, moe_factory: MoEFactory = build_full_moe) -> None:
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
@@ -52,7 +55,7 @@ class MoELSTMLanguageModel(nn.Module):
         self.layers = nn.ModuleList()
         width = config.d_model
         for layer_config in config.layers:
-            layer = self._build_layer(layer_config, width)
+            layer = self._build_layer(layer_config, width, moe_factory)
             self.layers.append(layer)
             width = layer.d_out
         if width != config.d_model and config.tie_embeddings:
@@ -63,7 +66,7 @@ class MoELSTMLanguageModel(nn.Module):
             self.output.weight = self.embedding.weight
         init_embedding_and_softmax(self.embedding, self.output)
 
-    def _build_layer(self, layer: LayerConfig, width: int) -> nn.Module:
+    def _build_layer(self, layer: LayerConfig, width: int, moe_factory: MoEFactory) -> nn.Module:
         cfg = self.config
         if layer.kind == "lstm":
             return LSTMLayer(width, layer.hidden_size, layer.proj_size, cfg.dropout, cfg.residual)
@@ -71,7 +74,8 @@ class MoELSTMLanguageModel(nn.Module):
             return FFNLayer(width, layer.hidden_size, layer.hidden_layers, layer.output_sigmoid,
                             cfg.dropout, cfg.residual)
         moe = layer.moe_config(width, cfg.moe_overrides, **LM_MOE_DEFAULTS)
-        return MoELayer(moe, cfg.dropout, cfg.residual)
+        index = sum(isinstance(built, MoELayer) for built in self.layers)
+        return MoELayer(moe, cfg.dropout, cfg.residual, moe_factory(moe, index))
 
     @property
     def moe_layers(self) -> list[MoELayer]:

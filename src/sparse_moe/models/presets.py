@@ -65,6 +65,15 @@ LM_PRESETS: dict[str, Callable[..., LMConfig]] = {
     "moe-4096-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(4096, H, k=2, num_groups=16)), 0.2),
 }
 
+# The 100B-word Google News family (appendix D, Table 8): the same stack with more experts and
+# a wider primary level (branching 128 and 256). The paper does not give their dropout; 0.1 as
+# for the Table 7 models of the same compute (a single epoch over 100B words hardly overfits).
+LM_PRESETS.update({
+    "moe-16384-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(16384, H, k=2, num_groups=128))),
+    "moe-65536-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(65536, H, k=2, num_groups=256))),
+    "moe-131072-h": _paper_lm(lambda: _lstm_moe_lstm(_moe(131072, H, k=2, num_groups=256))),
+})
+
 # Debug presets: d=32, experts 32 -> 64 -> 32, same structure.
 DEBUG_D, DEBUG_H = 32, 64
 
@@ -153,6 +162,17 @@ PAPER_LM_TABLE = ("4xlstm-512", "lstm-2048-512", "moe-1-wide", "moe-1-deep", "mo
                   "moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")
 
 
+PAPER_LM_100B_TABLE = ("moe-16384-h", "moe-65536-h", "moe-131072-h")
+
+# GPUs the paper trained each model on: 16 K40s for the 1B-word models (appendix C), 32 for
+# the 100B-word family except the two largest (64 and 128, "so as to have enough memory for
+# all the parameters", appendix D), 64 for translation (appendix E).
+PAPER_GPUS: dict[str, int] = {
+    **{name: 16 for name in PAPER_LM_TABLE}, **{name: 32 for name in PAPER_LM_100B_TABLE},
+    "moe-65536-h": 64, "moe-131072-h": 128, "gnmt-moe-32": 64, "gnmt-moe-2048-h": 64,
+}
+
+
 def lm_preset(name: str, vocab_size: int | None = None) -> LMConfig:
     """The LMConfig of a named preset (``moe-256``, ``4xlstm-512``, ``debug-moe``...)."""
     if name not in LM_PRESETS:
@@ -187,3 +207,33 @@ def translation_preset(name: str, vocab_size: int | None = None) -> TranslationC
         raise ValueError(f"translation_preset: unknown preset {name!r}; expected one of "
                          f"{sorted(TRANSLATION_PRESETS)}")
     return TRANSLATION_PRESETS[name](vocab_size)
+
+
+def preset_config(name: str, vocab_size: int | None = None) -> LMConfig | TranslationConfig:
+    """The config of any preset, language model or translation."""
+    if name in TRANSLATION_PRESETS:
+        return translation_preset(name, vocab_size)
+    return lm_preset(name, vocab_size)
+
+
+def paper_layout(name: str) -> tuple[int, int]:
+    """(GPUs, expert-parallel size) of a paper preset as the paper trained it.
+
+    The expert-parallel size is the GPU count, or the number of units that may not be split
+    when smaller: experts of a flat MoE, groups of a hierarchical one (each group lives on one
+    device, as in the paper). Dense models have no experts to split (1).
+    """
+    if name not in PAPER_GPUS:
+        raise ValueError(f"paper_layout: {name!r} is not one of the paper's models; expected "
+                         f"one of {sorted(PAPER_GPUS)}")
+    gpus = PAPER_GPUS[name]
+    units = [moe.get("num_groups") or moe["num_experts"] for moe in _moe_sections(name)]
+    return gpus, min([gpus, *units]) if units else 1
+
+
+def _moe_sections(name: str) -> list[dict[str, Any]]:
+    config = preset_config(name)
+    if isinstance(config, TranslationConfig):
+        return [config.moe] if config.encoder_moe_after or config.decoder_moe_after else []
+    return [layer.moe for layer in config.layers if layer.kind == "moe" and layer.moe]
+

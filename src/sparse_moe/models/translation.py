@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from sparse_moe.models.config import TranslationConfig
 from sparse_moe.models.lm import init_embedding_and_softmax
-from sparse_moe.models.layers import (LSTMLayer, MoELayer, ModelOutput, maybe_checkpoint,
-                                      sum_aux_losses)
+from sparse_moe.models.layers import (LSTMLayer, MoEFactory, MoELayer, ModelOutput,
+                                      build_full_moe, maybe_checkpoint, sum_aux_losses)
 from sparse_moe.moe import MoEOutput
 
 
@@ -62,7 +62,8 @@ class MoETranslationModel(nn.Module):
     exactly the same computation as training.
     """
 
-    def __init__(self, config: TranslationConfig) -> None:
+    def __init__(self, config: TranslationConfig,
+                 moe_factory: MoEFactory = build_full_moe) -> None:
         super().__init__()
         self.config = config
         d, hidden, p = config.d_model, config.hidden_size, config.dropout
@@ -74,13 +75,16 @@ class MoETranslationModel(nn.Module):
             proj = d // 2 if bidirectional else d
             self.encoder.append(LSTMLayer(d, hidden, proj, p, True, bidirectional))
         moe_config = config.moe_config()
-        self.encoder_moe = MoELayer(moe_config, p) if config.encoder_moe_after else None
+        self.encoder_moe = (MoELayer(moe_config, p, moe=moe_factory(moe_config, 0))
+                            if config.encoder_moe_after else None)
         self.decoder = nn.ModuleList()
         for i in range(config.decoder_layers):
             d_in = d if i == 0 else 2 * d
             # Later layers take [h; context]; their residual (around h) is added below.
             self.decoder.append(LSTMLayer(d_in, hidden, d, p, residual=i == 0))
-        self.decoder_moe = MoELayer(moe_config, p) if config.decoder_moe_after else None
+        decoder_index = 1 if config.encoder_moe_after else 0
+        self.decoder_moe = (MoELayer(moe_config, p, moe=moe_factory(moe_config, decoder_index))
+                            if config.decoder_moe_after else None)
         self.attention = Attention(d)
         self.output = nn.Linear(d, config.vocab_size)
         if config.tie_embeddings:

@@ -13,9 +13,15 @@ from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRou
                                    noisy_top_k, prob_in_top_k)
 
 
-def build_moe(config: MoEConfig, dispatcher: TokenDispatcher | None = None) -> MoE | HierarchicalMoE:
-    """The flat or hierarchical layer, whichever the config describes."""
-    return HierarchicalMoE(config, dispatcher) if config.hierarchical else MoE(config, dispatcher)
+def build_moe(config: MoEConfig, dispatcher: TokenDispatcher | None = None,
+              init_seed: int | None = None) -> MoE | HierarchicalMoE:
+    """The flat or hierarchical layer, whichever the config describes.
+
+    ``dispatcher`` decides which experts this process holds (all, by default); ``init_seed``
+    seeds their initial weights expert by expert (see ``GroupedFFNExperts``).
+    """
+    layer = HierarchicalMoE if config.hierarchical else MoE
+    return layer(config, dispatcher, init_seed)
 
 
 __all__ = [

@@ -37,6 +37,7 @@ class TokenDispatcher(Protocol):
     """
 
     num_local_experts: int
+    first_local_expert: int  # global index of this process's first expert
 
     def dispatch(self, x: Tensor, routing: Routing, num_experts: int) -> DispatchedTokens: ...
 
@@ -57,6 +58,7 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int) -> None:
         self.num_local_experts = num_experts
+        self.first_local_expert = 0
 
     def dispatch(self, x: Tensor, routing: Routing, num_experts: int) -> DispatchedTokens:
         order, tokens_per_expert = sort_by_expert(routing.expert_idx, num_experts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -212,6 +213,21 @@ class _WorkerGroupedMatmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def draw_seed() -> int:
+    """A 63-bit seed from the global (CPU) RNG: one draw, however large the layer."""
+    return int(torch.randint(0, 2**63 - 1, (), device="cpu"))
+
+
+def expert_seed(init_seed: int, expert: int) -> int:
+    """The seed of global expert ``expert`` of a layer seeded ``init_seed`` (well mixed)."""
+    words = np.random.SeedSequence([init_seed, expert]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _uniform(shape: torch.Size, bound: float, generator: torch.Generator) -> Tensor:
+    return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)
+
+
 def group_offsets(tokens_per_group: Tensor) -> Tensor:
     return torch.cumsum(tokens_per_group, dim=0, dtype=torch.int32)
 
@@ -264,12 +280,21 @@ class GroupedFFNExperts(nn.Module):
     as in the original implementation's experts (tensor2tensor's ``ffn_expert_fn``): the
     grouped GEMM cannot differentiate a per-group bias, so a bias costs a gather of
     ``[tokens, d_hidden]`` and a scatter-add in backward.
+
+    The module may hold a block of a larger set: its experts are global experts
+    ``first_expert .. first_expert + num_experts - 1``. Expert ``e`` is drawn from its own
+    generator, seeded from ``(init_seed, e)``, so an expert's initial weights do not depend on
+    which process holds it or how many others it holds (an expert-parallel build equals a
+    single-process one, bit for bit). ``init_seed=None`` draws the layer's seed from the
+    global RNG (one number, whatever ``num_experts``).
     """
 
     def __init__(self, num_experts: int, d_in: int, d_hidden: int, d_out: int,
-                 hidden_layers: int = 1, bias: bool = False) -> None:
+                 hidden_layers: int = 1, bias: bool = False, first_expert: int = 0,
+                 init_seed: int | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.first_expert = first_expert
         dims = [d_in] + [d_hidden] * hidden_layers + [d_out]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, fan_in, fan_out))
@@ -277,14 +302,24 @@ class GroupedFFNExperts(nn.Module):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.empty(num_experts, fan_out)) for fan_out in dims[1:]
         ) if bias else None
+        self.init_seed = init_seed if init_seed is not None else draw_seed()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for i, weight in enumerate(self.weights):
-            bound = 1.0 / math.sqrt(weight.shape[1])
-            nn.init.uniform_(weight, -bound, bound)
-            if self.biases is not None:
-                nn.init.uniform_(self.biases[i], -bound, bound)
+        """Each expert from its own generator (on the CPU, then copied: the same values on
+        every device); nothing to do on the meta device."""
+        if self.weights[0].device.type == "meta":
+            return
+        with torch.no_grad():
+            for local in range(self.num_experts):
+                generator = torch.Generator().manual_seed(
+                    expert_seed(self.init_seed, self.first_expert + local))
+                for i, weight in enumerate(self.weights):
+                    bound = 1.0 / math.sqrt(weight.shape[1])
+                    weight[local].copy_(_uniform(weight.shape[1:], bound, generator))
+                    if self.biases is not None:
+                        self.biases[i][local].copy_(
+                            _uniform(self.biases[i].shape[1:], bound, generator))
 
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Runs expert e on its rows of ``x`` (``[A, d_in]``, sorted by expert).

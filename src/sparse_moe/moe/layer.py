@@ -60,13 +60,15 @@ class _GateResult:
 class _MoEBase(nn.Module):
     """Shared input checks, experts, dispatch and losses of the flat and hierarchical layers."""
 
-    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None) -> None:
+    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None,
+                 init_seed: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.dispatcher: TokenDispatcher = dispatcher or LocalDispatcher(config.num_experts)
         self.experts = GroupedFFNExperts(
             self.dispatcher.num_local_experts, config.d_model, config.d_hidden, config.d_out,
-            config.expert_hidden_layers, config.expert_bias)
+            config.expert_hidden_layers, config.expert_bias,
+            first_expert=self.dispatcher.first_local_expert, init_seed=init_seed)
 
     def set_dispatcher(self, dispatcher: TokenDispatcher) -> None:
         """Swaps the dispatcher (the expert-parallel wrapper does this after sharding)."""
@@ -129,10 +131,11 @@ class _MoEBase(nn.Module):
 class MoE(_MoEBase):
     """Flat sparsely-gated MoE: one gate over ``num_experts`` experts, ``k`` per token."""
 
-    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None) -> None:
+    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None,
+                 init_seed: int | None = None) -> None:
         if config.hierarchical:
             raise ValueError("MoE: config has num_groups > 0; use HierarchicalMoE")
-        super().__init__(config, dispatcher)
+        super().__init__(config, dispatcher, init_seed)
         if config.gating == "strict_balanced":
             self.router = StrictlyBalancedRouter(config.d_model, config.num_experts, config.k)
         else:
@@ -173,10 +176,11 @@ class HierarchicalMoE(_MoEBase):
     given. Balancing uses the paper's ``Importance_H`` and ``Load_H`` (appendix B).
     """
 
-    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None) -> None:
+    def __init__(self, config: MoEConfig, dispatcher: TokenDispatcher | None = None,
+                 init_seed: int | None = None) -> None:
         if not config.hierarchical:
             raise ValueError("HierarchicalMoE: expected num_groups > 0 in the config, found 0")
-        super().__init__(config, dispatcher)
+        super().__init__(config, dispatcher, init_seed)
         a, b = config.num_groups, config.experts_per_group
         self.primary = NoisyTopKRouter(config.d_model, a, config.k_primary, config.noisy,
                                        config.noise_epsilon)

@@ -28,7 +28,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import groups as ds_groups
 from torch import Tensor, nn
 
-from sparse_moe.moe import GroupedFFNExperts, MoEOutput
+from sparse_moe.moe import GroupedFFNExperts, MoEConfig, MoEOutput
 from sparse_moe.parallel.groups import ExpertParallelGroups
 
 PER_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -51,15 +51,27 @@ def mark_expert_parameters(module: nn.Module, group_name: str) -> int:
     return marked
 
 
-def moe_param_groups(model: nn.Module, **optimizer_options: Any) -> list[dict[str, Any]]:
+DEEPSPEED_MAX_GROUP_SIZE = 178956971  # split_params_into_different_moe_groups_for_optimizer's
+
+
+def moe_param_groups(model: nn.Module, max_group_size: int | None = DEEPSPEED_MAX_GROUP_SIZE,
+                     **optimizer_options: Any) -> list[dict[str, Any]]:
     """Optimizer parameter groups with experts split out by DeepSpeed's own helper.
 
     Pass the result to the optimizer (or as ``model_parameters`` to
     ``deepspeed.initialize``); ZeRO 1/2 require expert parameters in ``moe`` groups.
+
+    DeepSpeed's helper cuts expert groups at ``max_group_size`` elements, and when a single
+    tensor is larger (the stacked experts of MoE-1024-h hold 537M) it emits an empty group
+    before it. ``deepspeed.initialize`` later drops empty groups from the optimizer, after
+    the learning-rate scheduler has counted them, and the first ``engine.step()`` failed in
+    the scheduler (``zip() argument 2 is longer than argument 1``). Empty groups are dropped
+    here, so the optimizer and the scheduler see the same groups from the start.
     """
     group = {"params": [p for p in model.parameters() if p.requires_grad],
              "name": "dense-params", **optimizer_options}
-    return split_params_into_different_moe_groups_for_optimizer(group)
+    groups = split_params_into_different_moe_groups_for_optimizer(group, max_group_size)
+    return [g for g in groups if g["params"]]
 
 
 def skip_allreduce_without_replicas(engine: DeepSpeedEngine, client_optimizer: Any) -> bool:
@@ -86,7 +98,9 @@ class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
     ``num_local_experts``, ``expert_group_name``) are set here instead.
     """
 
-    def __init__(self, layer: nn.Module, groups: ExpertParallelGroups) -> None:
+    def __init__(self, layer: nn.Module, groups: ExpertParallelGroups | Any) -> None:
+        """``groups``: the process groups the layer was sharded for, or anything else with their
+        ``ep_size`` and ``name`` (an ``ExpertLayout`` for a build that only counts)."""
         nn.Module.__init__(self)
         expected_local = layer.config.num_experts // groups.ep_size
         if layer.experts.num_experts != expected_local:
@@ -113,6 +127,20 @@ class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
 
     def forward(self, x: Tensor, noise: Any = None) -> MoEOutput:  # type: ignore[override]
         return self.deepspeed_moe(x, noise)
+
+    # The layer's own view, so that readers of a model (budgets, analyses) need not know that
+    # DeepSpeed's wrapper is there.
+    @property
+    def config(self) -> MoEConfig:
+        return self.deepspeed_moe.config
+
+    @property
+    def experts(self) -> GroupedFFNExperts:
+        return self.deepspeed_moe.experts
+
+    @property
+    def dispatcher(self) -> Any:
+        return self.deepspeed_moe.dispatcher
 
 
 def _split_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,

@@ -22,10 +22,9 @@ from sparse_moe.data import CorpusError, TokenizerError, load_tokenizer, open_co
 from sparse_moe.models.decoding import sample_text
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import init_distributed, shut_down_distributed
-from sparse_moe.train.preflight import (CheckpointError, check_checkpoint, checkpoint_tags,
-                                        model_config)
+from sparse_moe.train.preflight import CheckpointError, check_checkpoint, checkpoint_tags
 from sparse_moe.train.tasks import LanguageModelTask, make_task
-from sparse_moe.train.trainer import CHECKPOINT_DIR, shard_model_experts
+from sparse_moe.train.trainer import CHECKPOINT_DIR, build_rank_model
 
 
 def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[str] | None = None
@@ -45,16 +44,15 @@ def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[st
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=1)
-    model_settings = model_config(config, corpus, task, str(run_dir / "config.yaml"))
+    model_settings = task.model_config(f"{run_dir / 'config.yaml'}: model.overrides")
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     tag = check_checkpoint(checkpoint_dir, tag, config, model_settings, resume=False)
     if tag is None:
         raise CheckpointError(f"{checkpoint_dir}: expected a checkpoint (a 'latest' file and "
                               f"its tag directory), found {checkpoint_tags(checkpoint_dir) or 'none'}")
     device = init_distributed()
-    model = task.build_model()
-    shard_model_experts(model, config)
-    engine, *_ = deepspeed.initialize(model=model.to(device), config={
+    model = build_rank_model(task, config, device)
+    engine, *_ = deepspeed.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
     path, _ = engine.load_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag,
                                      load_optimizer_states=False,

@@ -14,12 +14,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from sparse_moe.config_io import ConfigError, check_field_types, to_dict
-from sparse_moe.data import Corpus, CorpusError, ShardFormatError, load_tokenizer, open_corpus
-from sparse_moe.models import LMConfig, TranslationConfig, lm_preset, translation_preset
+from sparse_moe.config_io import ConfigError, to_dict
+from sparse_moe.data import CorpusError, ShardFormatError, load_tokenizer, open_corpus
+from sparse_moe.models import LMConfig, TranslationConfig
+from sparse_moe.parallel.parallelize_model import (ExpertLayout, check_model_layout, moe_configs,
+                                             parallelize)
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
-from sparse_moe.train.tasks import TranslationTask, _model_values, make_task
+from sparse_moe.train.tasks import make_task
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -39,7 +41,11 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=world_size)
-    model = model_config(config, corpus, task, source)
+    model = task.model_config(f"{source}: model.overrides")
+    try:
+        check_model_layout(model, config.parallel.ep_size)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
     try:
         task.train_reader()
     except (CorpusError, ShardFormatError):
@@ -53,28 +59,6 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
         from sparse_moe.train.trainer import CHECKPOINT_DIR
 
         check_checkpoint(Path(config.run.dir) / CHECKPOINT_DIR, None, config, model, resume=True)
-
-
-def model_config(config: TrainConfig, corpus: Corpus, task: Any,
-                 source: str) -> LMConfig | TranslationConfig:
-    """The model's config as the task will build it (preset, then ``model.overrides``)."""
-    where = f"{source}: model.overrides"
-    try:
-        if isinstance(task, TranslationTask):
-            base = translation_preset(config.model.preset, corpus.vocab_size).to_dict()
-            values = _model_values(config, base, vocab_size=corpus.vocab_size,
-                                   pad_id=corpus.pad_id, bos_id=task.bos_id,
-                                   eos_id=corpus.eos_id)
-            check_field_types(TranslationConfig, values, where)
-            return TranslationConfig.from_dict(values, source=where)
-        base = lm_preset(config.model.preset, corpus.vocab_size).to_dict()
-        values = _model_values(config, base, vocab_size=corpus.vocab_size)
-        check_field_types(LMConfig, values, where)
-        return LMConfig.from_dict(values, source=where)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where}: {error}") from None
 
 
 def checkpoint_tags(directory: Path) -> list[str]:
@@ -161,19 +145,15 @@ def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig,
     activation checkpointing, balancing weights) may differ: resuming with them is allowed.
     Where shapes differ, the model settings that differ from the checkpoint's are named.
     """
-    import torch
-
-    from sparse_moe.models import build_model
-
-    with torch.device("meta"):
-        built = build_model(model).state_dict()
-    expected = {_plain(k): tuple(v.shape) for k, v in saved["module"].items()}
+    built = parallelize(model, config.parallel, ExpertLayout(config.parallel.ep_size),
+                        seed=config.run.seed, device="meta").state_dict()
+    expected = {k: tuple(v.shape) for k, v in saved["module"].items()}
     found = {k: tuple(v.shape) for k, v in built.items() if ".experts." not in k}
     mismatched = [f"{key}: expected {_shape(expected.get(key))} (as in the checkpoint), "
                   f"found {_shape(found.get(key))}"
                   for key in sorted(set(expected) | set(found))
                   if expected.get(key) != found.get(key)]
-    experts = [tuple(v.shape)[0] for k, v in built.items() if k.endswith("experts.weights.0")]
+    experts = [layer.num_experts for layer in moe_configs(model)]
     if saved.get("num_experts") and experts != list(saved["num_experts"]):
         mismatched.append(f"experts per MoE layer: expected {saved['num_experts']} (as in the "
                           f"checkpoint), found {experts}")
@@ -188,11 +168,6 @@ def _check_same_model(path: Path, saved: dict[str, Any], config: TrainConfig,
         f"{path}: written by a different model: " + "; ".join(mismatched[:3])
         + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "") + hint
         + ". Use the checkpoint's model settings or another run.dir")
-
-
-def _plain(key: str) -> str:
-    """A saved parameter name without DeepSpeed's MoE wrapper (``.deepspeed_moe``)."""
-    return key.replace(".deepspeed_moe.", ".")
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_moe.config_io import ConfigError
+from sparse_moe.config_io import ConfigError, check_field_types
 from sparse_moe.data import Corpus, LMBatches, TranslationBatches
-from sparse_moe.models import (LMConfig, TranslationConfig, beam_search, build_model, lm_preset,
+from sparse_moe.models import (LMConfig, TranslationConfig, beam_search, lm_preset,
                                translation_preset)
 from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
 from sparse_moe.train.config import TrainConfig
@@ -29,7 +29,7 @@ SPECIALISATION_BATCHES = 50
 
 
 class Task(Protocol):
-    def build_model(self) -> torch.nn.Module: ...
+    def model_config(self, source: str = "model.overrides") -> LMConfig | TranslationConfig: ...
 
     def train_reader(self) -> Any: ...
 
@@ -53,6 +53,18 @@ def _model_values(config: TrainConfig, base: dict[str, Any], **fixed: Any) -> di
             "activation_checkpointing": config.model.activation_checkpointing}
 
 
+def _checked_model_config(cls: type, values: dict[str, Any], source: str):
+    """The preset's config with ``model.overrides`` applied, every problem a ConfigError
+    naming ``source`` (the config file and section)."""
+    try:
+        check_field_types(cls, values, source)
+        return cls.from_dict(values, source=source)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
 class LanguageModelTask:
     """Next-token prediction on contiguous token streams; per-token perplexity."""
 
@@ -61,11 +73,11 @@ class LanguageModelTask:
         self.config, self.corpus, self.tokenizer = config, corpus, tokenizer
         self.rank, self.world = rank, world
 
-    def build_model(self) -> torch.nn.Module:
+    def model_config(self, source: str = "model.overrides") -> LMConfig:
+        """The model to build: the preset at the corpus's vocabulary, then the overrides."""
         base = lm_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
         values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size)
-        torch.manual_seed(self.config.run.seed)
-        return build_model(LMConfig.from_dict(values, source="model.overrides"))
+        return _checked_model_config(LMConfig, values, source)
 
     def reader(self, split: str, shuffle: bool = True) -> LMBatches:
         data = self.config.data
@@ -180,13 +192,14 @@ class TranslationTask:
                               f"{expected} (one per sentence pair of split {split!r})")
         return lines
 
-    def build_model(self) -> torch.nn.Module:
+    def model_config(self, source: str = "model.overrides") -> TranslationConfig:
+        """The model to build: the preset at the corpus's vocabulary and special ids, then the
+        overrides."""
         base = translation_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
         values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size,
                                pad_id=self.corpus.pad_id, bos_id=self.bos_id,
                                eos_id=self.corpus.eos_id)
-        torch.manual_seed(self.config.run.seed)
-        return build_model(TranslationConfig.from_dict(values, source="model.overrides"))
+        return _checked_model_config(TranslationConfig, values, source)
 
     def reader(self, split: str, shuffle: bool = True) -> TranslationBatches:
         return TranslationBatches(self.corpus, split, self.config.data.max_tokens,

@@ -39,11 +39,10 @@ from tqdm import tqdm
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
-from sparse_moe.models.layers import MoELayer
 from sparse_moe.optim import build_optimizer, build_scheduler
-from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelDispatcher,
-                                 create_expert_parallel_groups, moe_param_groups, routing_metrics,
-                                 shard_experts, skip_allreduce_without_replicas)
+from sparse_moe.parallel import (check_model_layout, create_expert_parallel_groups,
+                                 expert_parallel_dispatchers, moe_param_groups, parallelize,
+                                 routing_metrics, skip_allreduce_without_replicas)
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (describe_collective_failure, init_distributed,
@@ -100,20 +99,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def shard_model_experts(model: torch.nn.Module, config: TrainConfig
-                        ) -> list[ExpertParallelDispatcher]:
-    """Keeps this rank's experts in every MoE layer and hands the layers to DeepSpeed.
-
-    Returns the layers' dispatchers, in model order (their counters feed the step metrics).
-    """
+def build_rank_model(task: Any, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """This rank's model (its experts only, on ``device``, wrapped for DeepSpeed)."""
+    try:
+        model_config = task.model_config()
+        check_model_layout(model_config, config.parallel.ep_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     groups = create_expert_parallel_groups(config.parallel.ep_size,
                                            config.parallel.use_data_before_expert_parallel)
-    dispatchers = []
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            dispatchers.append(shard_experts(module.moe, groups, config.parallel))
-            module.moe = DeepSpeedExpertParallelMoE(module.moe, groups)
-    return dispatchers
+    return parallelize(model_config, config.parallel, groups, seed=config.run.seed,
+                       device=device)
 
 
 class Trainer:
@@ -142,8 +138,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
         self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
         self.task = make_task(config, self.corpus, self.tokenizer, self.rank, self.world)
-        self.model = self.task.build_model()
-        self.dispatchers = shard_model_experts(self.model, config)
+        self.model = build_rank_model(self.task, config, self.device)
+        self.dispatchers = expert_parallel_dispatchers(self.model)
         self.engine = self._initialize_engine()
         self.writer = RecordingWriter(self.engine.checkpoint_engine, self.faults)
         self.batches = self.task.train_reader()
@@ -182,7 +178,6 @@ class Trainer:
         ds_config = build_ds_config(cfg, self.world, self.run_dir)
         if self.rank == 0:
             atomic_write_text(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-        self.model.to(self.device)
         optimizer = build_optimizer(moe_param_groups(self.model), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.schedule)
         self.guard = NonFiniteGuard(optimizer)
