@@ -22,12 +22,14 @@ TRAIN = "sparse-moe-train"
 DATA = "python -m data_prep"
 GENERATE = "sparse-moe-generate"
 REPORT = "sparse-moe-report"
+PLAN = "sparse-moe-plan"
 
 # program -> (module whose main(argv) runs it in-process, module run by ``python -m``)
 PROGRAMS = {TRAIN: ("sparse_moe.train.cli", "sparse_moe.train"),
             DATA: ("data_prep.cli", "data_prep"),
             GENERATE: ("sparse_moe.train.generate", "sparse_moe.train.generate"),
-            REPORT: ("sparse_moe.report", "sparse_moe.report")}
+            REPORT: ("sparse_moe.report", "sparse_moe.report"),
+            PLAN: ("sparse_moe.plan.cli", "sparse_moe.plan.cli")}
 
 Setup = Callable[[Workspace, Path], None]
 
@@ -365,4 +367,19 @@ CASES: list[Case] = [
          ("run",), ("run/metrics/train_cross_entropy.csv:3",), "expected 'step,value'",
          "found '2,nan,oops'",
          write("run/metrics/train_cross_entropy.csv", "step,value\n1,5.5\n2,nan,oops\n")),
+    # ------------------------------------------------------------ plans
+    Case("plan-ep-splits-a-group", "plans", "an expert-parallel size that splits a group of "
+         "experts", PLAN, ("model.preset=moe-256-h", "parallel.ep_size=32", "--world", "32"),
+         ("parallel.ep_size", "MoE layer 0"), "expected a divisor of MoEConfig.num_groups=16",
+         "found 32", subprocess=True),
+    Case("plan-world-not-a-multiple", "plans", "a world the expert-parallel size does not "
+         "divide", PLAN, ("model.preset=moe-32", "parallel.ep_size=4", "--world", "6"),
+         ("--world", "parallel.ep_size=4"), "expected a positive multiple", "found 6"),
+    Case("plan-does-not-fit", "plans", "a model too large for the device", PLAN,
+         ("model.preset=moe-4096-h", "parallel.ep_size=4", "--world", "4",
+          "--device-memory", "12GB"), ("--device-memory",), "expected at least",
+         "found 11.18 GiB", training_inputs, code=1),
+    Case("plan-bad-memory-size", "plans", "a device memory that is not a size", PLAN,
+         ("model.preset=moe-32", "--device-memory", "12 bananas"), ("--device-memory",),
+         "expected a size such as 80GiB", "found '12 bananas'"),
 ]

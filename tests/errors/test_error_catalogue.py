@@ -60,7 +60,8 @@ def test_catalogue_is_large_and_ids_are_unique():
     ids = [case.id for case in CASES]
     assert len(ids) >= 30 and len(set(ids)) == len(ids)
     assert {c.program for c in CASES if c.subprocess} == {
-        "sparse-moe-train", "python -m data_prep", "sparse-moe-generate", "sparse-moe-report"}
+        "sparse-moe-train", "python -m data_prep", "sparse-moe-generate", "sparse-moe-report",
+        "sparse-moe-plan"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

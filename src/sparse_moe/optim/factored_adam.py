@@ -47,6 +47,21 @@ class FactoredAdam(Optimizer):
                         factored=factored)
         super().__init__(params, defaults)
 
+    def initialize_state(self) -> None:
+        """Allocates every parameter's state now instead of at its first step.
+
+        A first step that allocates the state lazily places it between that step's large
+        temporary buffers (gradients, DeepSpeed's flattened all-reduce bucket); where freed
+        host memory is kept for reuse (``run.retain_host_memory``) those long-lived blocks then
+        split the freed space, and the next step's buffers extend the heap instead (1 GiB
+        more per rank for MoE-1024-h at ``ep_size=4``). Allocated first, the state sits below.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state, group)
+
     @staticmethod
     def is_factored(param: Tensor, group: dict[str, Any]) -> bool:
         return bool(group["factored"]) and param.dim() >= 2
@@ -96,9 +111,8 @@ class FactoredAdam(Optimizer):
             for chunk in _matrix_chunks(p, grad, direction, state["row"], state["col"]):
                 _factored_step(*chunk, beta2, second_correction, group["eps"], step_size)
         else:
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"] / second_correction).sqrt_().add_(group["eps"])
-            _apply_update(p, direction, denom, step_size)
+            for chunk in _flat_chunks(p, grad, direction, state["exp_avg_sq"]):
+                _unfactored_step(*chunk, beta2, second_correction, group["eps"], step_size)
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
@@ -157,6 +171,29 @@ def _matrix_chunks(p: Tensor, grad: Tensor, direction: Tensor, row: Tensor, col:
     for start in range(0, count, per_chunk):
         part = slice(start, start + per_chunk)
         yield views[0][part], views[1][part], views[2][part], row[part], col[part]
+
+
+def _flat_chunks(p: Tensor, grad: Tensor, direction: Tensor, exp_avg_sq: Tensor):
+    """(param, grad, direction, second moment) over runs of about FACTORED_CHUNK_ELEMENTS.
+
+    The root is a temporary as large as what it is computed for: chunked, a flat partition
+    that DeepSpeed's ZeRO or mixed-precision wrappers hand the optimizer (hundreds of millions
+    of elements) never needs a second full-size buffer, and each chunk stays in cache.
+    """
+    tensors = (p, grad, direction, exp_avg_sq)
+    if not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, p.numel(), FACTORED_CHUNK_ELEMENTS):
+        yield tuple(t[start:start + FACTORED_CHUNK_ELEMENTS] for t in flat)
+
+
+def _unfactored_step(p: Tensor, grad: Tensor, direction: Tensor, exp_avg_sq: Tensor,
+                     beta2: float, correction: float, eps: float, step_size: float) -> None:
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / correction).sqrt_().add_(eps)
+    _apply_update(p, direction, denom, step_size)
 
 
 def _factored_step(p: Tensor, grad: Tensor, direction: Tensor, row: Tensor, col: Tensor,

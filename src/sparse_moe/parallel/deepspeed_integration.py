@@ -159,7 +159,12 @@ def _split_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix
 def _stack_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str,
                         local_metadata: Any, strict: bool, missing_keys: list[str],
                         unexpected_keys: list[str], error_msgs: list[str]) -> None:
-    """Inverse of ``_split_experts_hook``; incomplete sets are left for strict loading to name."""
+    """Inverse of ``_split_experts_hook``; incomplete sets are left for strict loading to name.
+
+    Each expert's tensor is copied straight into its row of the stacked parameter, which then
+    stands in the state dict for itself (loading copies it onto itself): no stacked copy of
+    the experts is ever made, so loading costs the files DeepSpeed read and nothing more.
+    """
     num_local = module.num_local_experts
     found: dict[str, dict[int, str]] = {}
     for key in [k for k in state_dict if k.startswith(prefix + PER_EXPERT_PREFIX)]:
@@ -171,5 +176,13 @@ def _stack_experts_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix
             error_msgs.append(f"{prefix}{STACKED_PREFIX}{rest}: expected local experts "
                               f"0..{num_local - 1} in the checkpoint, found {sorted(per_expert)}")
             continue
+        target = module.deepspeed_moe.experts.get_parameter(rest)
         slices = [state_dict.pop(per_expert[e]) for e in range(num_local)]
-        state_dict[f"{prefix}{STACKED_PREFIX}{rest}"] = torch.stack(slices)
+        if any(piece.shape != target.shape[1:] for piece in slices):
+            stacked = torch.stack(slices)  # strict loading names the mismatch
+        else:
+            with torch.no_grad():
+                for row, piece in zip(target, slices):
+                    row.copy_(piece)
+            stacked = target.detach()
+        state_dict[f"{prefix}{STACKED_PREFIX}{rest}"] = stacked

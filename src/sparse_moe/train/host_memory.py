@@ -51,3 +51,19 @@ def retain_freed_host_memory() -> bool:
         return False
     return (libc.mallopt(M_MMAP_MAX, 0) == 1
             and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
+
+
+def release_freed_host_memory() -> bool:
+    """Returns the heap's free blocks to the kernel (glibc ``malloc_trim``); whether it could.
+
+    For after a one-off burst of allocations, such as loading a checkpoint: the loaded
+    tensors are freed in pieces that later, larger step buffers cannot reuse, and with freed
+    memory kept they would stay resident for the rest of the run (about 1 GiB per rank for
+    MoE-1024-h at ``ep_size=4``). Blocks still in use are untouched.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+

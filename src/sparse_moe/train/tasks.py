@@ -53,6 +53,26 @@ def _model_values(config: TrainConfig, base: dict[str, Any], **fixed: Any) -> di
             "activation_checkpointing": config.model.activation_checkpointing}
 
 
+def resolve_model_config(config: TrainConfig, vocab_size: int, source: str = "model.overrides",
+                         **special_ids: int) -> LMConfig | TranslationConfig:
+    """The model a run builds: its preset at ``vocab_size``, then ``model.overrides``.
+
+    ``special_ids`` (translation: ``pad_id``, ``bos_id``, ``eos_id``) come from the corpus and
+    its tokenizer; the planner, which reads no tokenizer, passes the presets' own.
+    """
+    preset = config.model.preset
+    if preset in TRANSLATION_PRESETS:
+        base = translation_preset(preset, vocab_size).to_dict()
+        values = _model_values(config, base, vocab_size=vocab_size, **special_ids)
+        return _checked_model_config(TranslationConfig, values, source)
+    if preset in LM_PRESETS:
+        base = lm_preset(preset, vocab_size).to_dict()
+        values = _model_values(config, base, vocab_size=vocab_size)
+        return _checked_model_config(LMConfig, values, source)
+    raise ConfigError(f"model.preset: expected one of {sorted(LM_PRESETS)} (language models) or "
+                      f"{sorted(TRANSLATION_PRESETS)} (translation), found {preset!r}")
+
+
 def _checked_model_config(cls: type, values: dict[str, Any], source: str):
     """The preset's config with ``model.overrides`` applied, every problem a ConfigError
     naming ``source`` (the config file and section)."""
@@ -75,9 +95,7 @@ class LanguageModelTask:
 
     def model_config(self, source: str = "model.overrides") -> LMConfig:
         """The model to build: the preset at the corpus's vocabulary, then the overrides."""
-        base = lm_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
-        values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size)
-        return _checked_model_config(LMConfig, values, source)
+        return resolve_model_config(self.config, self.corpus.vocab_size, source)
 
     def reader(self, split: str, shuffle: bool = True) -> LMBatches:
         data = self.config.data
@@ -195,11 +213,9 @@ class TranslationTask:
     def model_config(self, source: str = "model.overrides") -> TranslationConfig:
         """The model to build: the preset at the corpus's vocabulary and special ids, then the
         overrides."""
-        base = translation_preset(self.config.model.preset, self.corpus.vocab_size).to_dict()
-        values = _model_values(self.config, base, vocab_size=self.corpus.vocab_size,
-                               pad_id=self.corpus.pad_id, bos_id=self.bos_id,
-                               eos_id=self.corpus.eos_id)
-        return _checked_model_config(TranslationConfig, values, source)
+        return resolve_model_config(self.config, self.corpus.vocab_size, source,
+                                    pad_id=self.corpus.pad_id, bos_id=self.bos_id,
+                                    eos_id=self.corpus.eos_id)
 
     def reader(self, split: str, shuffle: bool = True) -> TranslationBatches:
         return TranslationBatches(self.corpus, split, self.config.data.max_tokens,

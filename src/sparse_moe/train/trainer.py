@@ -50,7 +50,7 @@ from sparse_moe.train.distributed import (describe_collective_failure, init_dist
 from sparse_moe.train.ds_config import build_ds_config
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
 from sparse_moe.train.fault_injection import FaultInjection
-from sparse_moe.train.host_memory import retain_freed_host_memory
+from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
 from sparse_moe.train.nonfinite import NonFiniteGuard
 from sparse_moe.train.tasks import IGNORE, make_task
 
@@ -186,6 +186,10 @@ class Trainer:
         skip_allreduce_without_replicas(engine, optimizer)
         if engine.optimizer is not optimizer:
             self.guard.disable()  # DeepSpeed's wrapper (ZeRO, bf16, fp16) skips bad steps itself
+        elif hasattr(optimizer, "initialize_state"):
+            # It steps the model's own parameters: its state is allocated before the first
+            # step's buffers (a wrapper would hand it flat partitions of its own instead).
+            optimizer.initialize_state()
         # fp16 overflows are the loss scaler's business; only a non-finite loss counts there.
         self.fp16 = engine.fp16_enabled()
         return engine
@@ -211,6 +215,7 @@ class Trainer:
                                   f"{self.checkpoint_dir / tag} holds no loadable checkpoint")
         self.step = int(client["step"])
         self.batches.load_state_dict(client["data"])
+        release_freed_host_memory()  # the loaded files' blocks, freed in pieces
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} "
                   f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
@@ -283,11 +288,21 @@ class Trainer:
         self._write_specialisation()
         last_train = self.last_train
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
-                   "train_loss": last_train.get("loss"), **peak_memory(self.device)}
+                   "train_loss": last_train.get("loss"), **self._peak_memory_over_ranks()}
         if self.rank == 0:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
         return summary
+
+    def _peak_memory_over_ranks(self) -> dict[str, Any]:
+        """The largest peak of any rank under each key, and every rank's in ``..._per_rank``."""
+        peaks: list[Any] = [None] * self.world
+        dist.all_gather_object(peaks, peak_memory(self.device))
+        out: dict[str, Any] = {}
+        for key in peaks[0]:
+            values = [p[key] for p in peaks]
+            out[key], out[f"{key}_per_rank"] = max(values), values
+        return out
 
     def _stop_for_preemption(self) -> dict[str, Any]:
         """Saves, then marks the run preempted once every rank's files are written.
@@ -458,6 +473,10 @@ class Trainer:
                   "config": to_dict(self.config)}
         save_checkpoint(self.engine, self.writer, self.checkpoint_dir, self.step, client,
                         self.config.run.keep_last)
+        # DeepSpeed clones every local expert before writing them one file each: a copy of
+        # the rank's experts in pieces small enough for the heap, which would otherwise stay
+        # resident beside the next steps' buffers.
+        release_freed_host_memory()
         self.save_due = False
 
 
@@ -471,7 +490,9 @@ def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """This process's peak host memory (VmHWM) and, on GPUs, the allocator's peak, in MiB."""
+    """This process's peak host memory (VmHWM) and, on GPUs, the allocator's peak, in MiB.
+
+    The run's ``summary.json`` holds the largest over ranks, and each rank's."""
     peaks = {}
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
