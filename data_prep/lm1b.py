@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from sparse_moe.atomic import atomic_write
 from sparse_moe.data.tokenizer import WORD_SPECIALS
 
 from .encode import EncodeOptions
@@ -62,9 +63,7 @@ def build_word_vocab(files: list[Path], path: Path, min_count: int = 3,
         words = words[:max(0, max_size - len(WORD_SPECIALS))]
     lines = [f"{s}\t0" for s in WORD_SPECIALS] + [f"{w}\t{counts[w]}" for w in words]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(lines) + "\n")
     return len(lines)
 
 

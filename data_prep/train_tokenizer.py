@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sparse_moe.atomic import atomic_write
 from sparse_moe.data.indexed import sha256_file
 
 from .sources import DataPrepError, ReadStats, SourceSpec, iter_documents
@@ -67,15 +68,15 @@ def train_tokenizer(spec: SourceSpec, options: TokenizerOptions) -> dict:
     model_path = prefix.with_name(prefix.name + ".model")
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(model_path, model.getvalue())
+        atomic_write(model_path, model.getvalue())
         processor = spm.SentencePieceProcessor(model_file=str(model_path))
         vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n"
                         for i in range(processor.get_piece_size()))
-        _atomic_write(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
+        atomic_write(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
         record = {"model": str(model_path.resolve()), "sha256": sha256_file(model_path),
                   "vocab_size": processor.get_piece_size(), "options": asdict(options),
                   "input": spec.describe(), "read": stats.as_dict()}
-        _atomic_write(prefix.with_name(prefix.name + ".json"),
+        atomic_write(prefix.with_name(prefix.name + ".json"),
                       (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     except OSError as error:
         where = error.filename or prefix.parent
@@ -116,11 +117,3 @@ def training_error(error: RuntimeError, spec: SourceSpec, options: TokenizerOpti
                          f"{options.model_type}: {detail}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -29,7 +29,8 @@ class ReportError(ValueError):
 def read_csv_metric(run_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values of one metric written by DeepSpeed's CSV monitor (last value per step).
 
-    The monitor writes a header each time a process starts (a resumed run has several).
+    The trainer keeps one header and each step once (``train/tracking.py``); files written by
+    older runs may hold a header per process start, which are skipped.
     """
     path = run_dir / "metrics" / f"{name}.csv"
     if not path.exists():

@@ -64,8 +64,8 @@ def run_training(overrides: list[str], nproc: int = 1, timeout: int = 240,
 def read_metric(run_dir: Path, name: str) -> dict[int, float]:
     """step -> value from DeepSpeed's CSV monitor file for ``name`` (e.g. train_loss).
 
-    The monitor writes a header each time a process starts, so a resumed run's file has
-    several; the last value logged for a step wins.
+    The trainer keeps one header and each step once (``train/tracking.py``); the last value
+    logged for a step wins here too, as for files written before it did.
     """
     rows = (Path(run_dir) / "metrics" / f"{name}.csv").read_text().splitlines()
     pairs = (row.split(",") for row in rows if row and not row.startswith("step,"))

@@ -9,6 +9,7 @@ reproduce its logged losses and its final parameters exactly.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -202,6 +203,38 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(wt_corpus
     status, output = _run(overrides)
     assert status == 0, output[-3000:]
     _assert_reproduces(run_dir, reference)
+
+
+@pytest.mark.timeout(400)
+def test_metric_files_hold_one_header_and_each_step_once_after_a_kill(wt_corpus, tmp_path,
+                                                                      reference):
+    """kill -9 two steps after a checkpoint, resume: the steps the killed run logged past the
+    checkpoint are logged again by the resumed run, and every file reads as one run's."""
+    run_dir = tmp_path / "killed"
+    overrides = _overrides(wt_corpus, run_dir, "run.resume=true")
+    proc = _start(overrides)
+    _wait(lambda: _latest(run_dir) == f"step_{SAVE_EVERY:08d}"
+          and _logged_steps(run_dir) >= SAVE_EVERY + 2, proc, "two steps past a checkpoint")
+    _kill_group(proc)
+    repeated = _logged_steps(run_dir)
+    assert repeated > SAVE_EVERY and _latest(run_dir) == f"step_{SAVE_EVERY:08d}"
+    status, output = _run(overrides)
+    assert status == 0, output[-3000:]
+    files = sorted((run_dir / "metrics").glob("*.csv"))
+    assert len(files) > 10
+    for path in files:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+        assert rows[0][0] == "step" and all(row[0] != "step" for row in rows[1:]), path.name
+        steps = [int(row[0]) for row in rows[1:]]  # what pandas.read_csv would parse
+        assert steps == sorted(set(steps)), f"{path.name}: steps {steps}"
+    losses = read_metric(run_dir, "train_loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    want = read_metric(reference, "train_loss")
+    assert [losses[s] for s in sorted(losses)] == [want[s] for s in sorted(want)]
+    loads = [json.loads(line)["step"] for line in
+             (run_dir / "expert_load.jsonl").read_text().splitlines()]
+    assert loads == list(range(1, STEPS + 1))
 
 
 @pytest.mark.timeout(400)

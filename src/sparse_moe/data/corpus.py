@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_moe.atomic import atomic_write
+
 from .indexed import IndexedShard, check_shard_files, fault_point, sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -149,18 +151,12 @@ def _check_fields(path: Path, where: str, record, fields: dict[str, type]) -> No
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Atomic: a reader sees the old manifest or the new one, never a torn file."""
-    path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        shards = [s["name"] for entry in manifest.get("splits", {}).values()
-                  for s in entry.get("shards", [])]
-        if shards:
-            fault_point("manifest-replace", shards[-1])
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a disk-full write must not leave a torn temp file
-        raise
+    shards = [s["name"] for entry in manifest.get("splits", {}).values()
+              for s in entry.get("shards", [])]
+    atomic_write(Path(directory) / MANIFEST_NAME,
+                 json.dumps(manifest, indent=2, sort_keys=False) + "\n",
+                 before_replace=(lambda: fault_point("manifest-replace", shards[-1]))
+                 if shards else None)
 
 
 def check_tokenizer(manifest: dict, tokenizer, directory: Path) -> None:

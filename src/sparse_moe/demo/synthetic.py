@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_moe.atomic import atomic_write
+
 SHARED_WORDS = ("the", "of", "and", "a", "in", "to", "is", "with")
 _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiou"
@@ -83,8 +85,6 @@ def write_synthetic_corpus(directory: str | Path, config: SyntheticCorpusConfig 
         lines = [domains[split_rng.integers(len(domains))].sentence(
             split_rng, int(split_rng.integers(low, high + 1))) for _ in range(count)]
         path = directory / f"{split}.txt"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, "\n".join(lines) + "\n")
         paths[split] = path
     return paths

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from sparse_moe.atomic import atomic_write, fsync_directory
 from sparse_moe.train.errors import CheckpointWriteError
 from sparse_moe.train.fault_injection import FaultInjection
 
@@ -54,24 +55,12 @@ def read_latest(directory: Path) -> str | None:
     return tag or None
 
 
-def fsync_path(path: Path) -> None:
-    """Flushes a file's (or a directory's entries') data to the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_path = fsync_directory  # flushes a file's, or a directory's entries', data to the device
 
 
 def write_latest(directory: Path, tag: str) -> None:
     """Points ``latest`` at ``tag``: readers see the old or the new tag, never a partial file."""
-    tmp = directory / f".{LATEST}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / LATEST)
-    fsync_path(directory)
+    atomic_write(directory / LATEST, tag, durable=True)
 
 
 class RecordingWriter:
@@ -190,5 +179,5 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
     for step, path in tags:
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
-    for tmp in directory.glob(f".{LATEST}.*.tmp"):
+    for tmp in directory.glob(f".{LATEST}*.tmp"):
         tmp.unlink(missing_ok=True)

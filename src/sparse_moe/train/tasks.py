@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, check_field_types
 from sparse_moe.data import Corpus, LMBatches, TranslationBatches
 from sparse_moe.models import (LMConfig, TranslationConfig, beam_search, lm_preset,
@@ -283,9 +284,7 @@ class TranslationTask:
 
 def _write_lines(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(line + "\n" for line in lines))
 
 
 def _all_ranks_finished(finished: Tensor) -> bool:

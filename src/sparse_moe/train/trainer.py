@@ -36,6 +36,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
@@ -52,6 +53,7 @@ from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, Trai
 from sparse_moe.train.fault_injection import FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
 from sparse_moe.train.nonfinite import NonFiniteGuard
+from sparse_moe.train.tracking import continue_metrics
 from sparse_moe.train.tasks import IGNORE, make_task
 
 CHECKPOINT_DIR = "checkpoints"
@@ -91,12 +93,6 @@ class PreemptionFlag:
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A well-mixed seed for one micro-step of one rank (independent of history)."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_rank_model(task: Any, config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -154,6 +150,8 @@ class Trainer:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         if config.run.resume:
             self._resume()
+        if self.rank == 0:  # one header and each step once in the metric files, after resumes
+            continue_metrics(self.run_dir, self.engine.monitor, self.step)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> None:
@@ -161,8 +159,8 @@ class Trainer:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             id_file = self.run_dir / "wandb_run_id"
             if not id_file.exists():
-                atomic_write_text(id_file, uuid.uuid4().hex[:12])
-            atomic_write_text(self.run_dir / "config.yaml",
+                atomic_write(id_file, uuid.uuid4().hex[:12])
+            atomic_write(self.run_dir / "config.yaml",
                               yaml.safe_dump(to_dict(self.config), sort_keys=False))
         dist.barrier()
         self.wandb_run_id = (self.run_dir / "wandb_run_id").read_text().strip()
@@ -177,7 +175,7 @@ class Trainer:
         cfg = self.config
         ds_config = build_ds_config(cfg, self.world, self.run_dir)
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+            atomic_write(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
         optimizer = build_optimizer(moe_param_groups(self.model), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.schedule)
         self.guard = NonFiniteGuard(optimizer)
@@ -290,7 +288,7 @@ class Trainer:
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
                    "train_loss": last_train.get("loss"), **self._peak_memory_over_ranks()}
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
         return summary
 
@@ -315,7 +313,7 @@ class Trainer:
         if self.rank == 0:
             signame = (signal.Signals(self.preemption.received).name
                        if self.preemption.received else "a signal on another rank")
-            atomic_write_text(self.run_dir / PREEMPTED_MARKER, json.dumps(
+            atomic_write(self.run_dir / PREEMPTED_MARKER, json.dumps(
                 {"step": self.step, "signal": signame, "time": time.time()}))
             print(f"preempted ({signame}): saved step {self.step} to {self.checkpoint_dir}; "
                   f"exiting with status {EXIT_PREEMPTED} for a requeue", flush=True)
@@ -462,7 +460,7 @@ class Trainer:
         dist.all_reduce(table)
         if self.rank == 0:
             rows = specialisation_rows(table, top_tokens, self.tokenizer)
-            atomic_write_text(self.run_dir / "specialisation.json",
+            atomic_write(self.run_dir / "specialisation.json",
                               json.dumps({"split": split, "layer": 0, "tokens": rows}, indent=1))
 
     def save(self) -> None:
