@@ -21,6 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check src data_prep tests benchmarks
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -89,8 +89,7 @@ def _rank(rank: int, world: int, port: int, setup: Setup, threads: int, results)
     torch.set_num_threads(threads)
     import torch.distributed as dist
 
-    from sparse_moe.parallel import (ExpertParallelConfig, create_expert_parallel_groups,
-                                     shard_experts)
+    from sparse_moe.parallel import ExpertParallelConfig, create_expert_parallel_groups, shard_experts
     from sparse_moe.parallel.startup import init_deepspeed_distributed
 
     init_deepspeed_distributed(setup.backend, timeout=timedelta(seconds=300))

@@ -77,7 +77,7 @@ def main() -> None:
                                  re.DOTALL)
             if not pattern.search(doc):
                 raise SystemExit(f"{DOC}: no '<!-- plan: {regime} -->' block to rewrite")
-            doc = pattern.sub(lambda m: m.group(1) + text + m.group(2), doc)
+            doc = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(2), doc)
         DOC.write_text(doc, encoding="utf-8")
 
 

@@ -2,8 +2,9 @@
 
 Every contender is a real ``sparse-moe-train`` run (DeepSpeed engine, the paper's factored
 Adam, one process) on the same WikiText-2 shards with the same batches, in its own process;
-peak memory is that process's own high-water mark (VmHWM, from its summary.json). Throughput is the median of the
-logged tokens/s after the first log window (start-up and allocator warm-up excluded).
+peak memory is that process's own high-water mark (VmHWM, from its summary.json).
+Throughput is the median of the logged tokens/s after the first log window (start-up and
+allocator warm-up excluded).
 
     python benchmarks/train_lm.py                        # paper-size presets (d=512)
     python benchmarks/train_lm.py --quick                # debug presets, seconds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import multiprocessing
 import os
 import re
 import signal
@@ -28,12 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import multiprocessing
 import numpy as np
 
-from sparse_moe.data.corpus import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
-                                    load_manifest, path_from_manifest, path_in_manifest,
-                                    write_manifest)
+from sparse_moe.data.corpus import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    load_manifest,
+    path_from_manifest,
+    path_in_manifest,
+    write_manifest,
+)
 from sparse_moe.data.indexed import ShardWriter, check_shard_files, fault_point, token_dtype
 from sparse_moe.data.tokenizer import load_tokenizer
 

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .encode import EncodeOptions, EncodeSummary, write_splits
-from .sources import DataPrepError, DocChunk, ReadStats, SourceSpec, _decoded_lines, \
-    input_bytes, iter_chunks
+from .sources import DataPrepError, DocChunk, ReadStats, SourceSpec, _decoded_lines, input_bytes, iter_chunks
 
 
 def _settings(options: EncodeOptions, source: dict) -> dict:

@@ -35,7 +35,7 @@ def test_the_sweep_has_the_papers_family_and_ablation():
                  "moe-256", "moe-64-h", "moe-256-h"):
         assert name in names
     weights = set()
-    for name, overrides in CONFIGURATIONS:
+    for _, overrides in CONFIGURATIONS:
         config = _train_config(overrides)
         if config.model.preset == "small-moe-64":
             moe = config.model.overrides.get("moe_overrides", {})

@@ -12,7 +12,6 @@ from data_prep.encode import EncodeOptions
 from data_prep.jobs import encode_corpus, encode_parallel
 from data_prep.sources import SourceSpec
 from sparse_moe.data import CorpusError, LMBatches, TranslationBatches, open_corpus
-
 from tests.data_prep.helpers import SHARED, nonblank_lines
 
 B, T = 4, 16

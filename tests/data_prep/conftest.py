@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sentencepiece as spm
 
@@ -14,7 +16,7 @@ def wt_lines() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def wt_file(tmp_path_factory, wt_lines) -> "Path":
+def wt_file(tmp_path_factory, wt_lines) -> Path:
     return write_lines(tmp_path_factory.mktemp("wt") / "wt.txt", wt_lines)
 
 

@@ -51,7 +51,8 @@ def test_missing_and_empty_files(tmp_path, spm_model):
 def test_non_utf8_policies(tmp_path, spm_model, sp):
     bad = _latin1_bad_lines()
     assert bad > 0
-    with pytest.raises(DataPrepError, match=r"shakespeare-caesar\.txt:\d+: expected utf-8 text, found byte .* not valid utf-8"):
+    with pytest.raises(DataPrepError, match=r"shakespeare-caesar\.txt:\d+: expected utf-8 text, "
+                                            r"found byte .* not valid utf-8"):
         _encode([CAESAR], spm_model, tmp_path / "strict")
     _, replaced = _encode([CAESAR], spm_model, tmp_path / "replace", {"errors": "replace"})
     read = replaced["splits"]["train"]["read"]
@@ -98,7 +99,8 @@ def test_damaged_shards_are_named(tmp_path, wt_file, spm_model, capsys):
     assert "FAIL train/train_00001" in printed and "OK   train/train_00000" in printed
     with pytest.raises(CorpusError, match="train_00001"):
         open_corpus(out, verify=True)
-    with pytest.raises(ValueError, match=r"train_00001\.bin: expected \d+ bytes \(as its index describes\), found \d+"):
+    with pytest.raises(ValueError, match=r"train_00001\.bin: expected \d+ bytes "
+                                         r"\(as its index describes\), found \d+"):
         open_corpus(out).split("train")
 
 
@@ -106,7 +108,8 @@ def test_manifest_from_another_tokenizer_is_refused(tmp_path, wt_file, spm_model
     out = tmp_path / "c"
     _encode([wt_file], spm_model, out)
     open_corpus(out, tokenizer=spm_model)
-    with pytest.raises(CorpusError, match=r"encoded with tokenizer .*wt1k\.model.*expected that tokenizer, but was given .*wt600\.model"):
+    with pytest.raises(CorpusError, match=r"encoded with tokenizer .*wt1k\.model.*expected that "
+                                          r"tokenizer, but was given .*wt600\.model"):
         open_corpus(out, tokenizer=other_spm_model)
 
 
@@ -131,7 +134,8 @@ def test_output_holding_another_corpus_is_refused_unless_told(tmp_path, wt_file,
 def test_missing_field_and_misaligned_parallel(tmp_path, spm_model):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"body": "a b c"}) + "\n")
-    with pytest.raises(DataPrepError, match=r"no field .text.; expected it in every row, found the fields .*body"):
+    with pytest.raises(DataPrepError, match=r"no field .text.; expected it in every row, "
+                                            r"found the fields .*body"):
         _encode([jsonl], spm_model, tmp_path / "j")
     src, tgt = tmp_path / "a.en", tmp_path / "a.de"
     src.write_text("one\ntwo\nthree\n")

@@ -84,7 +84,8 @@ def test_num_proc_1_and_2_write_identical_shards(tmp_path, wt_file, spm_model, e
 def test_other_formats_give_the_same_tokens(tmp_path, wt_file, spm_model, sp):
     lines = nonblank_lines(wt_file)[:400]
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"id": i, "body": l}) + "\n" for i, l in enumerate(lines)))
+    jsonl.write_text("".join(json.dumps({"id": i, "body": line}) + "\n"
+                             for i, line in enumerate(lines)))
     parquet = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"body": lines}), parquet)
     saved = tmp_path / "saved"
@@ -104,7 +105,8 @@ def test_gzip_text_multi30k(tmp_path, spm_model, sp):
     source = SHARED / "multi30k" / "val.en.gz"
     out = tmp_path / "m30k"
     _encode([source], spm_model, out, eos="line")
-    lines = [l for l in gzip.open(source, "rt", encoding="utf-8").read().split("\n") if l.strip()]
+    lines = [line for line in gzip.open(source, "rt", encoding="utf-8").read().split("\n")
+             if line.strip()]
     assert len(lines) == 1014
     docs = read_split(out, manifest(out), "train")["documents"]
     assert docs == [ids + [sp.eos_id()] for ids in sp.encode(lines)]

@@ -10,8 +10,14 @@ import shutil
 import pytest
 
 from data_prep.cli import main as cli_main
-from sparse_moe.data.corpus import (CorpusError, json_problem, load_manifest, open_corpus,
-                                    path_from_manifest, path_in_manifest)
+from sparse_moe.data.corpus import (
+    CorpusError,
+    json_problem,
+    load_manifest,
+    open_corpus,
+    path_from_manifest,
+    path_in_manifest,
+)
 
 from .helpers import manifest
 

@@ -9,8 +9,16 @@ import os
 import pytest
 
 from .catalogue import CASES, Case
-from .harness import (DOC, comparable, documented_messages, message, render,
-                      run_in_process, run_subprocess, snapshot)
+from .harness import (
+    DOC,
+    comparable,
+    documented_messages,
+    message,
+    render,
+    run_in_process,
+    run_subprocess,
+    snapshot,
+)
 from .workspace import Workspace, build_workspace
 
 WRITE_DOC = os.environ.get("SPARSE_MOE_WRITE_ERROR_DOC") == "1"

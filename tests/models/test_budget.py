@@ -8,8 +8,14 @@ meta device), not from the formulas that compute the ops.
 import pytest
 import torch
 
-from sparse_moe.models import (MoELSTMLanguageModel, MoETranslationModel, count_budget,
-                               lm_preset, preset_budget, translation_preset)
+from sparse_moe.models import (
+    MoELSTMLanguageModel,
+    MoETranslationModel,
+    count_budget,
+    lm_preset,
+    preset_budget,
+    translation_preset,
+)
 from sparse_moe.models.budget import meta_model, moe_ops
 
 # name: (ops per timestep, parameters excluding embedding and softmax), in millions.

@@ -4,8 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from sparse_moe.models import (LM_PRESETS, TRANSLATION_PRESETS, LMConfig, build_model,
-                               lm_preset, load_model_config, translation_preset)
+from sparse_moe.models import (
+    LM_PRESETS,
+    TRANSLATION_PRESETS,
+    LMConfig,
+    build_model,
+    lm_preset,
+    load_model_config,
+    translation_preset,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_moe.models import (LayerConfig, LMConfig, MoELSTMLanguageModel, compose_loss,
-                               lm_preset, sample_lm, sample_text)
+from sparse_moe.models import (
+    LayerConfig,
+    LMConfig,
+    MoELSTMLanguageModel,
+    compose_loss,
+    lm_preset,
+    sample_lm,
+    sample_text,
+)
 
 
 def _manual_lstm(lstm, x):

@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 from sparse_moe.models import MoELSTMLanguageModel, compose_loss, lm_preset
-from sparse_moe.optim import factored_adam
-from sparse_moe.optim import (FactoredAdam, OptimizerConfig, ScheduleConfig, build_optimizer,
-                              build_scheduler, factored_second_moment, optimizer_state_numel)
+from sparse_moe.optim import (
+    FactoredAdam,
+    OptimizerConfig,
+    ScheduleConfig,
+    build_optimizer,
+    build_scheduler,
+    factored_adam,
+    factored_second_moment,
+    optimizer_state_numel,
+)
 
 
 def _rank1_grads(shape, steps, seed):

@@ -5,8 +5,14 @@ import itertools
 import pytest
 import torch
 
-from sparse_moe.models import (MoETranslationModel, TranslationConfig, beam_search, compose_loss,
-                               greedy_decode, translation_preset)
+from sparse_moe.models import (
+    MoETranslationModel,
+    TranslationConfig,
+    beam_search,
+    compose_loss,
+    greedy_decode,
+    translation_preset,
+)
 from sparse_moe.models.decoding import forbid_specials
 
 PAD, BOS, EOS = 0, 1, 2

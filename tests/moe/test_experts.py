@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from sparse_moe.moe import experts as experts_module
-from sparse_moe.moe.experts import (GroupedFFNExperts, padded_row_index, use_cpu_workers,
-                                    use_padded_batches)
+from sparse_moe.moe.experts import GroupedFFNExperts, padded_row_index, use_cpu_workers, use_padded_batches
 
 # path -> (CPU_PADDED_MAX_WASTE, intra-op threads) that select it
 PATHS = {"grouped": (0.0, 1), "workers": (0.0, 2), "padded": (float("inf"), 1)}

@@ -17,9 +17,15 @@ import torch
 from torch import nn
 
 from sparse_moe.moe import MoEConfig, build_moe
-from sparse_moe.parallel import (DeepSpeedExpertParallelMoE, ExpertParallelConfig,
-                                 build_expert_parallel_moe, create_expert_parallel_groups,
-                                 moe_param_groups, shard_experts, skip_allreduce_without_replicas)
+from sparse_moe.parallel import (
+    DeepSpeedExpertParallelMoE,
+    ExpertParallelConfig,
+    build_expert_parallel_moe,
+    create_expert_parallel_groups,
+    moe_param_groups,
+    shard_experts,
+    skip_allreduce_without_replicas,
+)
 
 D = 8
 LR = 0.5

@@ -7,8 +7,13 @@ from typing import Any
 import torch
 
 from sparse_moe.models import lm_preset
-from sparse_moe.parallel import (ExpertParallelConfig, create_expert_parallel_groups,
-                                 expert_parallel_layers, moe_configs, parallelize)
+from sparse_moe.parallel import (
+    ExpertParallelConfig,
+    create_expert_parallel_groups,
+    expert_parallel_layers,
+    moe_configs,
+    parallelize,
+)
 
 
 def _host_memory_mib(field: str) -> float:

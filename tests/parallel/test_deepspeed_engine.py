@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 
-from tests.parallel.deepspeed_workers import (built_in_place_worker, checkpoint_worker,
-                                              oversized_expert_group_worker,
-                                              single_process_step_worker, zero_step_worker)
+from tests.parallel.deepspeed_workers import (
+    built_in_place_worker,
+    checkpoint_worker,
+    oversized_expert_group_worker,
+    single_process_step_worker,
+    zero_step_worker,
+)
 from tests.parallel.harness import run_distributed
 
 

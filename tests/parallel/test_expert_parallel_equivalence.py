@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel.harness import run_distributed
-from tests.parallel.workers import (Scenario, deadlock_worker, equivalence_worker, flat_config,
-                                   hier_config)
+from tests.parallel.workers import Scenario, deadlock_worker, equivalence_worker, flat_config, hier_config
 
 TOL = 1e-5
 PUSH = 60.0  # a noise offset that decides the top-k outright

@@ -13,8 +13,14 @@ import torch
 
 from sparse_moe.models import LM_PRESETS, TRANSLATION_PRESETS, build_model
 from sparse_moe.models.presets import PAPER_GPUS, paper_layout, preset_config
-from sparse_moe.parallel import (ExpertLayout, ExpertParallelConfig, expert_parallel_layers,
-                                 moe_configs, parallelize, rank_parameter_count)
+from sparse_moe.parallel import (
+    ExpertLayout,
+    ExpertParallelConfig,
+    expert_parallel_layers,
+    moe_configs,
+    parallelize,
+    rank_parameter_count,
+)
 from tests.parallel.harness import run_distributed
 from tests.parallel.parallelize_workers import built_shard_worker, startup_memory_worker
 

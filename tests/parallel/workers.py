@@ -25,8 +25,12 @@ import torch
 import torch.distributed as dist
 
 from sparse_moe.moe import MoEConfig, build_moe
-from sparse_moe.parallel import (ExpertParallelConfig, create_expert_parallel_groups,
-                                 routing_metrics, shard_experts)
+from sparse_moe.parallel import (
+    ExpertParallelConfig,
+    create_expert_parallel_groups,
+    routing_metrics,
+    shard_experts,
+)
 
 D_MODEL, D_HIDDEN = 8, 16
 
@@ -249,7 +253,7 @@ def _dense_capacity_reference(reference, x, noise, rows_per_rank, capacity_facto
         decision = reference.router.decide(x, noise)
     dropped_total, outputs = 0, []
     start = 0
-    for r, n in enumerate(rows_per_rank):
+    for n in rows_per_rank:
         cap = math.ceil(capacity_factor * n * cfg.k / cfg.num_experts)
         used = [0] * cfg.num_experts
         y = torch.zeros(n, cfg.d_out)

@@ -12,8 +12,7 @@ import json
 
 import pytest
 
-from sparse_moe.parallel import (ExpertLayout, ExpertParallelConfig, parallelize,
-                                 rank_parameter_count)
+from sparse_moe.parallel import ExpertLayout, ExpertParallelConfig, parallelize, rank_parameter_count
 from sparse_moe.plan.cli import load_config, main, parse_size
 from sparse_moe.plan.planner import plan_run
 from sparse_moe.train.tasks import resolve_model_config

@@ -69,9 +69,9 @@ def slurm(tmp_path_factory) -> LocalSlurm:
             cluster.stop()
 
 
-def train_overrides(wt_corpus: dict[str, str], steps: int, *extra: str) -> list[str]:
+def train_overrides(corpus: dict[str, str], steps: int, *extra: str) -> list[str]:
     """The debug-preset run every launch test uses (on top of configs/demo.yaml)."""
-    return [f"data.corpus={wt_corpus['corpus']}", f"data.tokenizer={wt_corpus['tokenizer']}",
+    return [f"data.corpus={corpus['corpus']}", f"data.tokenizer={corpus['tokenizer']}",
             "model.preset=debug-moe", f"run.steps={steps}", "run.log_every=1",
             "run.eval_batches=2", "run.eval_every=0", "run.progress=false",
             "data.micro_batch_size=8", "data.seq_len=32", "optimizer.name=adam",

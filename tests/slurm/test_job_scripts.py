@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.conftest import FINISHED, REPO, Job, read_metric, submit, train_overrides
+from tests.slurm.conftest import FINISHED, Job, read_metric, submit, train_overrides
 from tests.train.conftest import run_training
 
 STEPS = 10

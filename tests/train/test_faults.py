@@ -185,11 +185,12 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(wt_corpus
         proc = _start(overrides, save_delay="0.15")  # each checkpoint file takes 0.15 s longer
         if attempt < 2:
             above = _step_of(saving)  # the second kill waits for a later save than the first
-            _wait(lambda: _save_in_progress(run_dir, started, above), proc, "a save to begin")
+            _wait(lambda started=started, above=above: _save_in_progress(run_dir, started, above),
+                  proc, "a save to begin")
             saving = _save_in_progress(run_dir, started, above)
             time.sleep(rng.uniform(0.0, 0.6))
         else:
-            _wait(lambda: _loss_rows(run_dir) > rows, proc, "a step")
+            _wait(lambda rows=rows: _loss_rows(run_dir) > rows, proc, "a step")
             time.sleep(rng.uniform(0.0, 1.5))
             saving = None
         _kill_group(proc)
@@ -250,7 +251,7 @@ def test_preemption_signal_to_a_random_rank_at_a_random_step(wt_corpus, tmp_path
     for sig in signals:
         proc = _start(overrides)
         target = saved + rng.randint(1, 4)
-        _wait(lambda: _logged_steps(run_dir) >= target, proc, f"step {target}")
+        _wait(lambda target=target: _logged_steps(run_dir) >= target, proc, f"step {target}")
         rank = rng.randint(0, 1)
         os.kill(_worker_pids(proc.pid)[rank], sig)
         output, _ = proc.communicate(timeout=120)

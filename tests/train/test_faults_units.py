@@ -7,8 +7,13 @@ import errno
 import pytest
 import torch
 
-from sparse_moe.train.checkpointing import (RecordingWriter, prune_checkpoints, read_latest,
-                                            remove_uncommitted, write_latest)
+from sparse_moe.train.checkpointing import (
+    RecordingWriter,
+    prune_checkpoints,
+    read_latest,
+    remove_uncommitted,
+    write_latest,
+)
 from sparse_moe.train.distributed import is_collective_failure
 from sparse_moe.train.fault_injection import FaultInjection
 from sparse_moe.train.nonfinite import NonFiniteGuard

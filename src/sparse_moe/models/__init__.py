@@ -3,13 +3,17 @@ translation model, their budgets (ops per time step, parameters) and decoding.""
 
 from sparse_moe.models.budget import Budget, count_budget, preset_budget
 from sparse_moe.models.config import LayerConfig, LMConfig, TranslationConfig, load_model_config
-from sparse_moe.models.decoding import (Hypothesis, beam_search, greedy_decode, sample_lm,
-                                        sample_text)
-from sparse_moe.models.layers import MoEFactory, ModelOutput, build_full_moe
+from sparse_moe.models.decoding import Hypothesis, beam_search, greedy_decode, sample_lm, sample_text
+from sparse_moe.models.layers import ModelOutput, MoEFactory, build_full_moe
 from sparse_moe.models.lm import MoELSTMLanguageModel
 from sparse_moe.models.loss import LossParts, compose_loss, perplexity
-from sparse_moe.models.presets import (LM_PRESETS, PAPER_LM_TABLE, TRANSLATION_PRESETS, lm_preset,
-                                       translation_preset)
+from sparse_moe.models.presets import (
+    LM_PRESETS,
+    PAPER_LM_TABLE,
+    TRANSLATION_PRESETS,
+    lm_preset,
+    translation_preset,
+)
 from sparse_moe.models.translation import MoETranslationModel
 
 

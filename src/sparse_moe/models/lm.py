@@ -14,9 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.models.config import LayerConfig, LMConfig
-from sparse_moe.models.layers import (FFNLayer, LSTMLayer, LSTMState, MoEFactory, MoELayer,
-                                      ModelOutput, build_full_moe, maybe_checkpoint,
-                                      sum_aux_losses)
+from sparse_moe.models.layers import (
+    FFNLayer,
+    LSTMLayer,
+    LSTMState,
+    ModelOutput,
+    MoEFactory,
+    MoELayer,
+    build_full_moe,
+    maybe_checkpoint,
+    sum_aux_losses,
+)
 
 LM_MOE_DEFAULTS = {"output_sigmoid": True}
 

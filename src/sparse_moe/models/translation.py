@@ -19,9 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.models.config import TranslationConfig
+from sparse_moe.models.layers import (
+    LSTMLayer,
+    ModelOutput,
+    MoEFactory,
+    MoELayer,
+    build_full_moe,
+    maybe_checkpoint,
+    sum_aux_losses,
+)
 from sparse_moe.models.lm import init_embedding_and_softmax
-from sparse_moe.models.layers import (LSTMLayer, MoEFactory, MoELayer, ModelOutput,
-                                      build_full_moe, maybe_checkpoint, sum_aux_losses)
 from sparse_moe.moe import MoEOutput
 
 

@@ -9,8 +9,14 @@ from sparse_moe.moe.config import MoEConfig
 from sparse_moe.moe.dispatcher import DispatchedTokens, LocalDispatcher, TokenDispatcher
 from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul
 from sparse_moe.moe.layer import HierarchicalMoE, MoE, MoEOutput
-from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
-                                   noisy_top_k, prob_in_top_k)
+from sparse_moe.moe.router import (
+    NoisyTopKRouter,
+    Routing,
+    StrictlyBalancedRouter,
+    cv_squared,
+    noisy_top_k,
+    prob_in_top_k,
+)
 
 
 def build_moe(config: MoEConfig, dispatcher: TokenDispatcher | None = None,

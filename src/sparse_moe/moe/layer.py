@@ -16,12 +16,19 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.moe.config import MoEConfig
-from sparse_moe.moe.dispatcher import (LocalDispatcher, TokenDispatcher, sort_by_expert,
-                                       stable_argsort)
-from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul, group_offsets
-from sparse_moe.moe.router import (NoisyTopKRouter, Routing, StrictlyBalancedRouter, cv_squared,
-                                   gate_and_noise_logits, gate_dtype, noisy_top_k, per_expert_sum,
-                                   top_k_routing)
+from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher, sort_by_expert, stable_argsort
+from sparse_moe.moe.experts import GroupedFFNExperts, group_offsets, grouped_matmul
+from sparse_moe.moe.router import (
+    NoisyTopKRouter,
+    Routing,
+    StrictlyBalancedRouter,
+    cv_squared,
+    gate_and_noise_logits,
+    gate_dtype,
+    noisy_top_k,
+    per_expert_sum,
+    top_k_routing,
+)
 
 
 @dataclass

@@ -9,8 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from sparse_moe.config_io import reject_unknown_fields
-from sparse_moe.optim.factored_adam import (FactoredAdam, factored_second_moment,
-                                            optimizer_state_numel)
+from sparse_moe.optim.factored_adam import FactoredAdam, factored_second_moment, optimizer_state_numel
 from sparse_moe.optim.schedule import ScheduleConfig, build_scheduler, warmup_hold_rsqrt
 
 OPTIMIZER_KINDS = ("adam", "factored_adam")

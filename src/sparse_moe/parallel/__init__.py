@@ -16,19 +16,31 @@ One layer built whole elsewhere can also be sharded after the fact:
 
 from sparse_moe.parallel.comm import CommTimer, all_to_all_rows
 from sparse_moe.parallel.config import ExpertParallelConfig
-from sparse_moe.parallel.deepspeed_integration import (DeepSpeedExpertParallelMoE,
-                                                       mark_expert_parameters, moe_param_groups,
-                                                       skip_allreduce_without_replicas)
+from sparse_moe.parallel.deepspeed_integration import (
+                                                       DeepSpeedExpertParallelMoE,
+                                                       mark_expert_parameters,
+                                                       moe_param_groups,
+                                                       skip_allreduce_without_replicas,
+)
 from sparse_moe.parallel.dispatcher import ExpertParallelDispatcher, source_major_to_expert_major
-from sparse_moe.parallel.groups import (ExpertParallelGroups, create_expert_parallel_groups,
-                                        expert_group_name)
+from sparse_moe.parallel.groups import ExpertParallelGroups, create_expert_parallel_groups, expert_group_name
 from sparse_moe.parallel.metrics import RoutingMetrics, routing_metrics
-from sparse_moe.parallel.parallelize_model import (ExpertLayout, check_model_layout,
-                                             expert_parallel_dispatchers, expert_parallel_layers,
-                                             layer_seed, moe_configs, parallelize,
-                                             rank_parameter_count)
-from sparse_moe.parallel.sharding import (build_expert_parallel_moe, check_layout,
-                                          expert_parameters, shard_experts)
+from sparse_moe.parallel.parallelize_model import (
+                                                       ExpertLayout,
+                                                       check_model_layout,
+                                                       expert_parallel_dispatchers,
+                                                       expert_parallel_layers,
+                                                       layer_seed,
+                                                       moe_configs,
+                                                       parallelize,
+                                                       rank_parameter_count,
+)
+from sparse_moe.parallel.sharding import (
+                                                       build_expert_parallel_moe,
+                                                       check_layout,
+                                                       expert_parameters,
+                                                       shard_experts,
+)
 
 __all__ = [
     "ExpertParallelConfig", "ExpertParallelGroups", "create_expert_parallel_groups",

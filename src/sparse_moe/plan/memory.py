@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from sparse_moe.config_io import ConfigError

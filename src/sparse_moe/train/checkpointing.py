@@ -21,7 +21,6 @@ naming the rank and the file, and leaves ``latest`` as it was.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -176,7 +175,7 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
                   if path.is_dir() and (step := tag_step(path.name)) is not None)
     committed = [path for step, path in tags if step <= latest_step]
     keep = {path.name for path in committed[-keep_last:]} | {latest}
-    for step, path in tags:
+    for _, path in tags:
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
     for tmp in directory.glob(f".{LATEST}*.tmp"):

@@ -35,7 +35,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)  # the C library this process already runs on
-        libc.gnu_get_libc_version  # only glibc has it
+        getattr(libc, "gnu_get_libc_version")  # only glibc has it  # noqa: B009
         return libc
     except (OSError, AttributeError):
         return None

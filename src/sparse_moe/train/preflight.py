@@ -17,8 +17,7 @@ from typing import Any
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import CorpusError, ShardFormatError, load_tokenizer, open_corpus
 from sparse_moe.models import LMConfig, TranslationConfig
-from sparse_moe.parallel.parallelize_model import (ExpertLayout, check_model_layout, moe_configs,
-                                             parallelize)
+from sparse_moe.parallel.parallelize_model import ExpertLayout, check_model_layout, moe_configs, parallelize
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
 from sparse_moe.train.tasks import make_task

@@ -20,8 +20,7 @@ from torch import Tensor
 from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, check_field_types
 from sparse_moe.data import Corpus, LMBatches, TranslationBatches
-from sparse_moe.models import (LMConfig, TranslationConfig, beam_search, lm_preset,
-                               translation_preset)
+from sparse_moe.models import LMConfig, TranslationConfig, beam_search, lm_preset, translation_preset
 from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
 from sparse_moe.train.config import TrainConfig
 

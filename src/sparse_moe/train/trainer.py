@@ -41,20 +41,30 @@ from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
 from sparse_moe.optim import build_optimizer, build_scheduler
-from sparse_moe.parallel import (check_model_layout, create_expert_parallel_groups,
-                                 expert_parallel_dispatchers, moe_param_groups, parallelize,
-                                 routing_metrics, skip_allreduce_without_replicas)
+from sparse_moe.parallel import (
+    check_model_layout,
+    create_expert_parallel_groups,
+    expert_parallel_dispatchers,
+    moe_param_groups,
+    parallelize,
+    routing_metrics,
+    skip_allreduce_without_replicas,
+)
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
-from sparse_moe.train.distributed import (describe_collective_failure, init_distributed,
-                                          is_collective_failure, roll_call_key)
+from sparse_moe.train.distributed import (
+    describe_collective_failure,
+    init_distributed,
+    is_collective_failure,
+    roll_call_key,
+)
 from sparse_moe.train.ds_config import build_ds_config
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
 from sparse_moe.train.fault_injection import FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
 from sparse_moe.train.nonfinite import NonFiniteGuard
-from sparse_moe.train.tracking import continue_metrics
 from sparse_moe.train.tasks import IGNORE, make_task
+from sparse_moe.train.tracking import continue_metrics
 
 CHECKPOINT_DIR = "checkpoints"
 # Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
