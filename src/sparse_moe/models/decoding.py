@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from sparse_moe.models.lm import MoELSTMLanguageModel
-from sparse_moe.models.translation import MoETranslationModel
+if TYPE_CHECKING:  # for annotations only: the models import this module
+    from sparse_moe.models.lm import MoELSTMLanguageModel
+    from sparse_moe.models.translation import MoETranslationModel
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_moe.models.config import LayerConfig, LMConfig
+from sparse_moe.models.decoding import sample_lm
 from sparse_moe.models.layers import (
     FFNLayer,
     LSTMLayer,
@@ -136,6 +137,4 @@ class MoELSTMLanguageModel(nn.Module):
 
         See ``sparse_moe.models.decoding.sample_lm``.
         """
-        from sparse_moe.models.decoding import sample_lm
-
         return sample_lm(self, prompt, max_new_tokens, temperature, top_k, generator, eos_id)
