@@ -374,7 +374,8 @@ CASES: list[Case] = [
          "found 32", subprocess=True),
     Case("plan-world-not-a-multiple", "plans", "a world the expert-parallel size does not "
          "divide", PLAN, ("model.preset=moe-32", "parallel.ep_size=4", "--world", "6"),
-         ("--world", "parallel.ep_size=4"), "expected a positive multiple", "found 6"),
+         ("--world 6", "parallel.ep_size"), "expected a divisor of the world size 6",
+         "found 4"),
     Case("plan-does-not-fit", "plans", "a model too large for the device", PLAN,
          ("model.preset=moe-4096-h", "parallel.ep_size=4", "--world", "4",
           "--device-memory", "12GB"), ("--device-memory",), "expected at least",

@@ -24,6 +24,7 @@ from sparse_moe.parallel.deepspeed_integration import (
 )
 from sparse_moe.parallel.dispatcher import ExpertParallelDispatcher, source_major_to_expert_major
 from sparse_moe.parallel.groups import ExpertParallelGroups, create_expert_parallel_groups, expert_group_name
+from sparse_moe.parallel.layout import check_experts, check_layer, check_world
 from sparse_moe.parallel.metrics import RoutingMetrics, routing_metrics
 from sparse_moe.parallel.parallelize_model import (
                                                        ExpertLayout,
@@ -49,5 +50,6 @@ __all__ = [
     "moe_param_groups", "RoutingMetrics", "routing_metrics", "build_expert_parallel_moe",
     "check_layout", "expert_parameters", "shard_experts", "skip_allreduce_without_replicas",
     "ExpertLayout", "check_model_layout", "expert_parallel_dispatchers", "expert_parallel_layers",
-    "layer_seed", "moe_configs", "parallelize", "rank_parameter_count",
+    "layer_seed", "moe_configs", "parallelize", "rank_parameter_count", "check_experts",
+    "check_layer", "check_world",
 ]

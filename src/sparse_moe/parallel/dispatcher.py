@@ -32,6 +32,7 @@ from sparse_moe.moe.dispatcher import DispatchedTokens, sort_by_expert, weighted
 from sparse_moe.moe.router import Routing
 from sparse_moe.parallel.comm import CommTimer, all_reduce_sum, all_to_all_rows, exchange_counts
 from sparse_moe.parallel.groups import ExpertParallelGroups
+from sparse_moe.parallel.layout import check_experts
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,7 @@ class ExpertParallelDispatcher:
     def __init__(self, num_experts: int, groups: ExpertParallelGroups,
                  capacity_factor: float | None = None, min_capacity: int = 0,
                  time_communication: bool = False) -> None:
-        if num_experts % groups.ep_size != 0:
-            raise ValueError(f"ExpertParallelConfig.ep_size: expected a divisor of "
-                             f"num_experts={num_experts}, found {groups.ep_size}")
+        check_experts(num_experts, groups.ep_size)
         self.num_experts = num_experts
         self.groups = groups
         self.ep_size = groups.ep_size

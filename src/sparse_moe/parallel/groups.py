@@ -49,15 +49,13 @@ def create_expert_parallel_groups(ep_size: int,
     import deepspeed
     from deepspeed.utils import groups
 
+    from sparse_moe.parallel.layout import check_world
     from sparse_moe.parallel.startup import load_deepspeed_comm_ops
 
     if not dist.is_initialized():
         raise RuntimeError("create_expert_parallel_groups: torch.distributed is not initialised; "
                            "call deepspeed.init_distributed() (or init_process_group) first")
-    world = dist.get_world_size()
-    if ep_size < 1 or world % ep_size != 0:
-        raise ValueError(f"ExpertParallelConfig.ep_size: expected a divisor of the world size "
-                         f"{world}, found {ep_size}")
+    check_world(ep_size, dist.get_world_size())
     if not deepspeed.comm.is_initialized():
         load_deepspeed_comm_ops()
         deepspeed.init_distributed(dist_backend=dist.get_backend())

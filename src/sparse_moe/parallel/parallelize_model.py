@@ -38,7 +38,7 @@ from sparse_moe.parallel.config import ExpertParallelConfig
 from sparse_moe.parallel.deepspeed_integration import DeepSpeedExpertParallelMoE
 from sparse_moe.parallel.dispatcher import ExpertParallelDispatcher
 from sparse_moe.parallel.groups import ExpertParallelGroups, expert_group_name
-from sparse_moe.parallel.sharding import check_layout
+from sparse_moe.parallel.layout import check_layer
 
 ModelConfig = LMConfig | TranslationConfig
 
@@ -106,9 +106,9 @@ def check_model_layout(model_config: ModelConfig, ep_size: int) -> None:
     """Every MoE layer splits evenly over ``ep_size`` ranks (whole groups per rank)."""
     for index, config in enumerate(moe_configs(model_config)):
         try:
-            check_layout(config, ep_size)
+            check_layer(config, ep_size)
         except ValueError as error:
-            raise ValueError(f"parallel.ep_size (MoE layer {index}): {error}") from None
+            raise ValueError(f"MoE layer {index}: {error}") from None
 
 
 def parallelize(model_config: ModelConfig, parallel: ExpertParallelConfig,

@@ -9,23 +9,12 @@ from sparse_moe.moe import GroupedFFNExperts, HierarchicalMoE, MoE, MoEConfig, b
 from sparse_moe.parallel.config import ExpertParallelConfig
 from sparse_moe.parallel.dispatcher import ExpertParallelDispatcher
 from sparse_moe.parallel.groups import ExpertParallelGroups, create_expert_parallel_groups
+from sparse_moe.parallel.layout import check_layer
 
 MoELayer = MoE | HierarchicalMoE
 
 
-def check_layout(config: MoEConfig, ep_size: int) -> None:
-    """Experts must split evenly; a hierarchical layer keeps whole groups on one rank.
-
-    The paper places each secondary MoE on one device; with contiguous expert blocks that
-    holds exactly when ``num_groups`` is a multiple of ``ep_size``.
-    """
-    if config.num_experts % ep_size != 0:
-        raise ValueError(f"ExpertParallelConfig.ep_size: expected a divisor of "
-                         f"MoEConfig.num_experts={config.num_experts}, found {ep_size}")
-    if config.hierarchical and config.num_groups % ep_size != 0:
-        raise ValueError(f"ExpertParallelConfig.ep_size: expected a divisor of "
-                         f"MoEConfig.num_groups={config.num_groups} (each group of experts lives "
-                         f"on one rank), found {ep_size}")
+check_layout = check_layer  # the layer's layout check (parallel/layout.py)
 
 
 def make_dispatcher(config: MoEConfig, groups: ExpertParallelGroups,

@@ -60,12 +60,14 @@ def plan_run(config: TrainConfig, model: LMConfig | TranslationConfig, world: in
              device: str = "cuda", device_memory: int | None = None) -> Plan:
     """The plan of rank 0 of ``world`` ranks (all ranks hold the same share)."""
     from sparse_moe.parallel import ExpertLayout, moe_configs, parallelize
+    from sparse_moe.parallel.layout import check_world
     from sparse_moe.train.ds_config import build_ds_config
 
     ep = config.parallel.ep_size
-    if world < 1 or world % ep:
-        raise ConfigError(f"--world: expected a positive multiple of parallel.ep_size={ep}, "
-                          f"found {world}")
+    try:
+        check_world(ep, world)
+    except ValueError as error:
+        raise ConfigError(f"--world {world}: {error}") from None
     try:
         built = parallelize(model, config.parallel, ExpertLayout(ep), seed=config.run.seed,
                             device="meta")

@@ -17,6 +17,7 @@ from typing import Any
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import CorpusError, ShardFormatError, load_tokenizer, open_corpus
 from sparse_moe.models import LMConfig, TranslationConfig
+from sparse_moe.parallel.layout import check_world
 from sparse_moe.parallel.parallelize_model import ExpertLayout, check_model_layout, moe_configs, parallelize
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
@@ -34,9 +35,10 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
 
     ``source`` names the config (its file, or "command line") in messages.
     """
-    if config.parallel.ep_size > world_size or world_size % config.parallel.ep_size:
-        raise ConfigError(f"{source}: parallel.ep_size: expected a divisor of the world size "
-                          f"{world_size}, found {config.parallel.ep_size}")
+    try:
+        check_world(config.parallel.ep_size, world_size)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
     tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
     corpus = open_corpus(config.data.corpus, tokenizer=tokenizer)
     task = make_task(config, corpus, tokenizer, rank=0, world=world_size)

@@ -43,6 +43,7 @@ from sparse_moe.models import compose_loss
 from sparse_moe.optim import build_optimizer, build_scheduler
 from sparse_moe.parallel import (
     check_model_layout,
+    check_world,
     create_expert_parallel_groups,
     expert_parallel_dispatchers,
     moe_param_groups,
@@ -137,9 +138,10 @@ class Trainer:
         self.faults = FaultInjection.from_environment(self.rank)
         self.run_dir = Path(config.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
-        if config.parallel.ep_size > self.world or self.world % config.parallel.ep_size:
-            raise ConfigError(f"parallel.ep_size: expected a divisor of the world size "
-                              f"{self.world}, found {config.parallel.ep_size}")
+        try:
+            check_world(config.parallel.ep_size, self.world)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self._prepare_run_dir()
         self.tokenizer = load_tokenizer(config.data.tokenizer) if config.data.tokenizer else None
         self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
