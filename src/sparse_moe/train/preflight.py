@@ -19,11 +19,14 @@ from sparse_moe.data import CorpusError, ShardFormatError, load_tokenizer, open_
 from sparse_moe.models import LMConfig, TranslationConfig
 from sparse_moe.parallel.layout import check_world
 from sparse_moe.parallel.parallelize_model import ExpertLayout, check_model_layout, moe_configs, parallelize
+from sparse_moe.train.checkpoint_files import (
+    expert_files,
+    expert_parallel_optimizer_file,
+    model_states_file,
+)
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
 from sparse_moe.train.tasks import make_task
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 class CheckpointError(ValueError):
@@ -88,7 +91,7 @@ def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
         raise CheckpointError(f"--tag: expected one of {tags or 'none'} in {directory}, "
                               f"found {tag!r}")
     saved = _load_model_states(directory / tag)
-    _check_same_model(directory / tag / MODEL_STATES, saved, config, model)
+    _check_same_model(model_states_file(directory / tag), saved, config, model)
     _check_expert_files(directory, tag, saved)
     if resume:
         _check_expert_layout(directory / tag, saved, config)
@@ -98,7 +101,7 @@ def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
 def _load_model_states(folder: Path) -> dict[str, Any]:
     import torch
 
-    path = folder / MODEL_STATES
+    path = model_states_file(folder)
     if not path.is_file():
         present = sorted(p.name for p in folder.iterdir())
         raise CheckpointError(f"{path}: expected DeepSpeed's model states file in every "
@@ -190,11 +193,7 @@ def _differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
 
 def _check_expert_files(directory: Path, tag: str, saved: dict[str, Any]) -> None:
     """One file per global expert of every MoE layer, under DeepSpeed's own naming."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    expected = [Path(DeepSpeedEngine._get_expert_ckpt_name(str(directory), layer, expert, tag))
-                for layer, count in enumerate(saved.get("num_experts") or [])
-                for expert in range(count)]
+    expected = expert_files(directory / tag, list(saved.get("num_experts") or []))
     missing = [p.name for p in expected if not p.is_file()]
     if not missing:
         for path in expected:
@@ -215,7 +214,7 @@ def _check_expert_layout(folder: Path, saved: dict[str, Any], config: TrainConfi
             f"{config.parallel.ep_size}; resume with parallel.ep_size={recorded}")
     zero_stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
     if saved.get("num_experts") and not zero_stage:  # ZeRO keeps optimizer state in its shards
-        expected = [folder / f"expp_rank_{r}_mp_rank_00_optim_states.pt"
+        expected = [expert_parallel_optimizer_file(folder, r)
                     for r in range(config.parallel.ep_size)]
         missing = [p.name for p in expected if not p.is_file()]
         if missing:
