@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 
 from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_yaml
@@ -22,6 +21,7 @@ from sparse_moe.data import CorpusError, TokenizerError, load_tokenizer, open_co
 from sparse_moe.models.decoding import sample_text
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import init_distributed, shut_down_distributed
+from sparse_moe.train.engine import build_engine
 from sparse_moe.train.preflight import CheckpointError, check_checkpoint, checkpoint_tags
 from sparse_moe.train.tasks import LanguageModelTask, make_task
 from sparse_moe.train.trainer import CHECKPOINT_DIR, build_rank_model
@@ -51,9 +51,8 @@ def load_trained(run_dir: str | Path, tag: str | None = None, overrides: list[st
         raise CheckpointError(f"{checkpoint_dir}: expected a checkpoint (a 'latest' file and "
                               f"its tag directory), found {checkpoint_tags(checkpoint_dir) or 'none'}")
     device = init_distributed()
-    model = build_rank_model(task, config, device)
-    engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+    engine = build_engine(build_rank_model(task, config, device), config, 1, run_dir,
+                          training=False).engine
     path, _ = engine.load_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag,
                                      load_optimizer_states=False,
                                      load_lr_scheduler_states=False, load_module_only=True)

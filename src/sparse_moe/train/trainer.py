@@ -29,7 +29,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -40,16 +39,13 @@ from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
-from sparse_moe.optim import build_optimizer, build_scheduler
 from sparse_moe.parallel import (
     check_model_layout,
     check_world,
     create_expert_parallel_groups,
     expert_parallel_dispatchers,
-    moe_param_groups,
     parallelize,
     routing_metrics,
-    skip_allreduce_without_replicas,
 )
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
@@ -59,11 +55,10 @@ from sparse_moe.train.distributed import (
     is_collective_failure,
     roll_call_key,
 )
-from sparse_moe.train.ds_config import build_ds_config
+from sparse_moe.train.engine import build_engine
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
 from sparse_moe.train.fault_injection import FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
-from sparse_moe.train.nonfinite import NonFiniteGuard
 from sparse_moe.train.tasks import IGNORE, make_task
 from sparse_moe.train.tracking import continue_metrics
 
@@ -173,7 +168,7 @@ class Trainer:
             if not id_file.exists():
                 atomic_write(id_file, uuid.uuid4().hex[:12])
             atomic_write(self.run_dir / "config.yaml",
-                              yaml.safe_dump(to_dict(self.config), sort_keys=False))
+                         yaml.safe_dump(to_dict(self.config), sort_keys=False))
         dist.barrier()
         self.wandb_run_id = (self.run_dir / "wandb_run_id").read_text().strip()
         tracking = self.config.tracking
@@ -184,25 +179,13 @@ class Trainer:
                               WANDB_SILENT="true")
 
     def _initialize_engine(self):
-        cfg = self.config
-        ds_config = build_ds_config(cfg, self.world, self.run_dir)
+        run = build_engine(self.model, self.config, self.world, self.run_dir)
         if self.rank == 0:
-            atomic_write(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-        optimizer = build_optimizer(moe_param_groups(self.model), cfg.optimizer)
-        scheduler = build_scheduler(optimizer, cfg.schedule)
-        self.guard = NonFiniteGuard(optimizer)
-        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                               lr_scheduler=scheduler, config=ds_config)
-        skip_allreduce_without_replicas(engine, optimizer)
-        if engine.optimizer is not optimizer:
-            self.guard.disable()  # DeepSpeed's wrapper (ZeRO, bf16, fp16) skips bad steps itself
-        elif hasattr(optimizer, "initialize_state"):
-            # It steps the model's own parameters: its state is allocated before the first
-            # step's buffers (a wrapper would hand it flat partitions of its own instead).
-            optimizer.initialize_state()
+            atomic_write(self.run_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
+        self.guard = run.guard
         # fp16 overflows are the loss scaler's business; only a non-finite loss counts there.
-        self.fp16 = engine.fp16_enabled()
-        return engine
+        self.fp16 = run.engine.fp16_enabled()
+        return run.engine
 
     def _resume(self) -> None:
         self.phase = "resuming"
