@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from sparse_moe.atomic import atomic_write, fsync_directory
 from sparse_moe.train.errors import CheckpointWriteError
-from sparse_moe.train.fault_injection import FaultInjection
+from sparse_moe.train.fault_injection import FaultHooks
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -70,7 +70,7 @@ class RecordingWriter:
     rank reaches the agreement step and fails together with the same message.
     """
 
-    def __init__(self, checkpoint_engine: Any, faults: FaultInjection) -> None:
+    def __init__(self, checkpoint_engine: Any, faults: FaultHooks) -> None:
         self._save: Callable[[Any, str], None] = checkpoint_engine.save
         checkpoint_engine.save = self.save
         self.faults = faults

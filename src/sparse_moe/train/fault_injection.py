@@ -17,8 +17,28 @@ import errno
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
 
 PREFIX = "SPARSE_MOE_TRAIN_FAULT_"
+
+
+class FaultHooks(Protocol):
+    """Where a training run lets faults in: the trainer and the checkpoint writer call these
+    and nothing else. :class:`FaultInjection` with nothing set injects nothing."""
+
+    def loss(self, loss: Tensor, step: int) -> Tensor:
+        """The loss of ``step`` (1-based), or a poisoned one."""
+
+    def begin_save(self) -> None:
+        """A checkpoint save starts."""
+
+    def before_write(self, path: str) -> None:
+        """A checkpoint file is about to be written (may fail it)."""
+
+    def after_write(self, path: str) -> None:
+        """A checkpoint file was written (may delay)."""
 
 
 def _ints(name: str) -> frozenset[int]:
@@ -46,8 +66,8 @@ class FaultInjection:
                    save_delay=float(os.environ.get(PREFIX + "SAVE_DELAY", "0") or 0),
                    enospc_save=int(os.environ.get(PREFIX + "ENOSPC_SAVE", "0") or 0))
 
-    def poison_loss(self, step: int) -> bool:
-        return step in self.nan_steps
+    def loss(self, loss: Tensor, step: int) -> Tensor:
+        return loss * float("nan") if step in self.nan_steps else loss
 
     def begin_save(self) -> None:
         self.saves += 1

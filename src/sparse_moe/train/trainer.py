@@ -45,7 +45,6 @@ from sparse_moe.parallel import (
     create_expert_parallel_groups,
     expert_parallel_dispatchers,
     parallelize,
-    routing_metrics,
 )
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
@@ -57,8 +56,9 @@ from sparse_moe.train.distributed import (
 )
 from sparse_moe.train.engine import build_engine
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
-from sparse_moe.train.fault_injection import FaultInjection
+from sparse_moe.train.fault_injection import FaultHooks, FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
+from sparse_moe.train.step_metrics import StepMetrics, StepRecord
 from sparse_moe.train.tasks import IGNORE, make_task
 from sparse_moe.train.tracking import continue_metrics
 
@@ -130,7 +130,7 @@ class Trainer:
             retain_freed_host_memory()  # before the model, engine and buffers are allocated
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.roll_call = roll_call_key()
-        self.faults = FaultInjection.from_environment(self.rank)
+        self.faults: FaultHooks = FaultInjection.from_environment(self.rank)
         self.run_dir = Path(config.run.dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         try:
@@ -250,15 +250,15 @@ class Trainer:
         while self.step < cfg.steps:
             self.phase = (f"step {self.step + 1} (forward, MoE all-to-all, backward, gradient "
                           "all-reduce, optimizer step, metrics all-reduce)")
-            metrics = self._train_step(batches)
+            record = self._train_step(batches)
             self.step += 1
-            skipped = metrics.pop("step_skipped") > 0
-            window_tokens += metrics.pop("tokens")
+            metrics, skipped = record.metrics, not record.applied
+            window_tokens += record.tokens
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.time() - window_start
                 metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
                 self._log(metrics)
-                self._append_expert_load()
+                self._append_expert_load(record.expert_counts)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}",
                                      tok_s=f"{metrics['tokens_per_second']:.0f}")
                 window_start, window_tokens = time.time(), 0.0
@@ -315,65 +315,25 @@ class Trainer:
         dist.barrier()
         return {"steps": self.step, "preempted": True}
 
-    def _train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+    def _train_step(self, batches: Iterator[Any]) -> StepRecord:
         engine = self.engine
-        sums: dict[str, float] = {}
-        counts = None
-        tokens = 0.0
-        accumulation = engine.gradient_accumulation_steps()
-        for micro in range(accumulation):
+        step = StepMetrics(self.world, self.dispatchers, self.config.parallel)
+        for micro in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
             torch.manual_seed(step_seed(self.config.run.seed, self.step, micro, self.rank))
             inputs, targets = self.task.model_inputs(batch, self.device)
             output = engine(*inputs)
             parts = compose_loss(output, targets, ignore_index=IGNORE)
-            loss = parts.total
-            if self.faults.poison_loss(self.step + 1):
-                loss = loss * float("nan")
+            loss = self.faults.loss(parts.total, self.step + 1)
             self.guard.note_loss(loss)
             engine.backward(loss)
             engine.step()
-            for key, value in parts.scalars().items():
-                sums[key] = sums.get(key, 0.0) + value
+            scalars = parts.scalars()
             if loss is not parts.total:
-                sums["loss"] = float("nan")  # the injected fault shows in the logged loss
-            tokens += float((targets != IGNORE).sum())
-            layer_counts = [o.counts.detach().float() for o in output.moe_outputs]
-            counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
-        metrics = {k: v / accumulation for k, v in sums.items()}
-        metrics = self._average_over_ranks(metrics)
-        metrics["tokens"] = tokens * self.world  # every rank's batch, for tokens/s
-        metrics["lr"] = engine.get_lr()[0]
-        metrics["skipped_steps"] = float(engine.skipped_steps)
-        metrics["step_skipped"] = 0.0 if engine.was_step_applied() else 1.0
-        for i, layer in enumerate(counts or []):
-            metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
-        metrics.update(self._dispatch_metrics())
-        self._last_counts = [c.tolist() for c in counts or []]
-        return metrics
-
-    def _dispatch_metrics(self) -> dict[str, float]:
-        """Dropped fraction (capacity mode) and time in collectives (when timed), per layer.
-
-        From the dispatchers' counters of the step's last micro-batch, reduced over replicas.
-        """
-        parallel = self.config.parallel
-        if parallel.capacity_factor is None and not parallel.time_communication:
-            return {}
-        out = {}
-        for i, dispatcher in enumerate(self.dispatchers):
-            routed = routing_metrics(dispatcher)
-            if parallel.capacity_factor is not None:
-                out[f"moe{i}/dropped_fraction"] = routed.dropped_fraction
-            if parallel.time_communication:
-                out[f"moe{i}/all_to_all_seconds"] = routed.all_to_all_seconds
-        return out
-
-    def _average_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
-        return {k: float(v) / self.world for k, v in zip(keys, values)}
+                scalars["loss"] = float("nan")  # the injected fault shows in the logged loss
+            step.add_micro_step(scalars, [o.counts for o in output.moe_outputs],
+                                float((targets != IGNORE).sum()))
+        return step.finish(engine)
 
     def _count_nonfinite(self, loss: float, skipped: bool) -> None:
         """Counts steps in a row with a non-finite loss or a skipped update; stops at the limit.
@@ -418,11 +378,11 @@ class Trainer:
             self.engine.monitor.write_events([(f"train/{k}" if "/" not in k else k, v, self.step)
                                               for k, v in metrics.items()])
 
-    def _append_expert_load(self) -> None:
+    def _append_expert_load(self, counts: list[list[float]]) -> None:
         """Tokens per expert of every MoE layer at this step (the load heatmap's data)."""
-        if self.rank == 0 and getattr(self, "_last_counts", None):
+        if self.rank == 0 and counts:
             with open(self.run_dir / "expert_load.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.step, "layers": self._last_counts}) + "\n")
+                f.write(json.dumps({"step": self.step, "layers": counts}) + "\n")
 
     @torch.no_grad()
     def _write_specialisation(self, top_tokens: int = 24) -> None:
@@ -471,15 +431,6 @@ class Trainer:
         # resident beside the next steps' buffers.
         release_freed_host_memory()
         self.save_due = False
-
-
-def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Tokens per expert (min/mean/max), CV(load) and max/mean: the paper's balance figures."""
-    mean = counts.mean().clamp_min(1e-9)
-    return {f"{prefix}/tokens_min": float(counts.min()), f"{prefix}/tokens_mean": float(mean),
-            f"{prefix}/tokens_max": float(counts.max()),
-            f"{prefix}/cv_load": float(counts.std(unbiased=False) / mean),
-            f"{prefix}/max_over_mean": float(counts.max() / mean)}
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
