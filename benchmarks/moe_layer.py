@@ -5,7 +5,7 @@ Contenders, each at the same token count and expert size:
                chosen experts with none of the routing (the ideal an MoE can only approach)
   sparse-moe   this project's layer (noisy top-k, dropless; on CPU the expert products
                run on worker threads, equal groups as one padded bmm; see
-               sparse_moe.moe.experts.use_cpu_workers and use_padded_batches)
+               sparse_moe.moe.cpu_experts.use_cpu_workers and use_padded_batches)
   sparse-moe-grouped  the same layer with the padded path off (equal groups too take the
                grouped product)
   naive-loop   the same gating, then a Python loop over experts with boolean masks
@@ -83,7 +83,7 @@ def _build(case: Case):
         net = nn.Sequential(nn.Linear(d, k * h), nn.ReLU(), nn.Linear(k * h, d)).to(device, dtype)
         return (lambda: net(x).sum().backward()), [x, *net.parameters()]
     if case.contender == "sparse-moe-grouped":
-        from sparse_moe.moe import experts
+        from sparse_moe.moe import cpu_experts as experts
 
         experts.CPU_PADDED_MAX_WASTE = 0.0  # never pad: every call takes the grouped product
     if case.contender in ("sparse-moe", "sparse-moe-grouped"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_moe.moe import experts as experts_module
-from sparse_moe.moe.experts import GroupedFFNExperts, padded_row_index, use_cpu_workers, use_padded_batches
+from sparse_moe.moe import cpu_experts as experts_module
+from sparse_moe.moe.cpu_experts import padded_row_index, use_cpu_workers, use_padded_batches
+from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul
 
 # path -> (CPU_PADDED_MAX_WASTE, intra-op threads) that select it
 PATHS = {"grouped": (0.0, 1), "workers": (0.0, 2), "padded": (float("inf"), 1)}
@@ -104,7 +105,7 @@ def test_a_thread_started_after_the_workers_gets_the_callers_thread_count(thread
 
     threads(2)
     x, weight = torch.randn(12, 4), torch.randn(3, 4, 5)
-    experts_module.grouped_matmul(x, weight, torch.tensor([4, 8, 12], dtype=torch.int32))
+    grouped_matmul(x, weight, torch.tensor([4, 8, 12], dtype=torch.int32))
     seen = []
     worker = threading.Thread(target=lambda: seen.append(
         (torch.empty(1 << 16).fill_(0.0), torch.get_num_threads())[1]))

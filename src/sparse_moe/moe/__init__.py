@@ -11,8 +11,10 @@ from sparse_moe.moe.experts import GroupedFFNExperts, grouped_matmul
 from sparse_moe.moe.layer import HierarchicalMoE, MoE, MoEOutput
 from sparse_moe.moe.router import (
     NoisyTopKRouter,
+    RouterOutput,
     Routing,
     StrictlyBalancedRouter,
+    build_router,
     cv_squared,
     noisy_top_k,
     prob_in_top_k,
@@ -33,6 +35,7 @@ def build_moe(config: MoEConfig, dispatcher: TokenDispatcher | None = None,
 __all__ = [
     "MoEConfig", "MoE", "HierarchicalMoE", "MoEOutput", "build_moe", "TokenDispatcher",
     "LocalDispatcher", "DispatchedTokens", "GroupedFFNExperts", "grouped_matmul",
-    "NoisyTopKRouter", "StrictlyBalancedRouter", "Routing", "cv_squared", "noisy_top_k",
+    "NoisyTopKRouter", "StrictlyBalancedRouter", "Routing", "RouterOutput", "build_router",
+    "cv_squared", "noisy_top_k",
     "prob_in_top_k",
 ]

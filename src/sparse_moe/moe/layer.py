@@ -20,8 +20,9 @@ from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher, sort_by_
 from sparse_moe.moe.experts import GroupedFFNExperts, group_offsets, grouped_matmul
 from sparse_moe.moe.router import (
     NoisyTopKRouter,
+    RouterOutput,
     Routing,
-    StrictlyBalancedRouter,
+    build_router,
     cv_squared,
     gate_and_noise_logits,
     gate_dtype,
@@ -51,17 +52,6 @@ class MoEOutput:
     # This process's assignments (token index into the flattened input, expert, gate weight):
     # for analyses such as which experts the most frequent words go to.
     routing: Routing | None = None
-
-
-@dataclass
-class _GateResult:
-    routing: Routing
-    importance: Tensor
-    load: Tensor
-    threshold_loss: Tensor
-    # True when ``load`` was built from statistics already summed by the dispatcher
-    # (hierarchical load is a product of sums, so summing the products would be wrong).
-    load_reduced: bool = False
 
 
 class _MoEBase(nn.Module):
@@ -115,7 +105,7 @@ class _MoEBase(nn.Module):
         expert_out = self.experts(dispatched.tokens, dispatched.tokens_per_expert)
         return self.dispatcher.combine(expert_out, routing, dispatched.context, flat.shape[0])
 
-    def _output(self, y: Tensor, gate: _GateResult) -> MoEOutput:
+    def _output(self, y: Tensor, gate: RouterOutput) -> MoEOutput:
         cfg = self.config
         importance = self.dispatcher.reduce_statistics(gate.importance)
         load = gate.load if gate.load_reduced else self.dispatcher.reduce_statistics(gate.load)
@@ -131,7 +121,7 @@ class _MoEBase(nn.Module):
     def _flatten_noise(self, noise, num_tokens: int):
         raise NotImplementedError
 
-    def _gate(self, flat: Tensor, noise) -> _GateResult:
+    def _gate(self, flat: Tensor, noise) -> RouterOutput:
         raise NotImplementedError
 
 
@@ -143,34 +133,15 @@ class MoE(_MoEBase):
         if config.hierarchical:
             raise ValueError("MoE: config has num_groups > 0; use HierarchicalMoE")
         super().__init__(config, dispatcher, init_seed)
-        if config.gating == "strict_balanced":
-            self.router = StrictlyBalancedRouter(config.d_model, config.num_experts, config.k)
-        else:
-            self.router = NoisyTopKRouter(config.d_model, config.num_experts, config.k,
-                                          config.noisy, config.noise_epsilon)
+        self.router = build_router(config)
 
     def _flatten_noise(self, noise, num_tokens: int) -> Tensor | None:
         if noise is None:
             return None
         return _rows(noise, num_tokens, (self.config.num_experts,), "noise")
 
-    def _gate(self, flat: Tensor, noise: Tensor | None) -> _GateResult:
-        n = self.config.num_experts
-        if isinstance(self.router, StrictlyBalancedRouter):
-            if flat.shape[0] == 0:
-                return _empty_gate(flat, n)
-            routing, threshold_loss = self.router.route(flat)
-            counts = torch.bincount(routing.expert_idx, minlength=n).float()
-            importance = per_expert_sum(routing.expert_idx, routing.weight, n)
-            return _GateResult(routing, importance, counts, threshold_loss)
-        decision = self.router.decide(flat, noise)
-        routing = top_k_routing(decision)
-        importance = per_expert_sum(routing.expert_idx, routing.weight, n)
-        if decision.load_prob is not None:
-            load = decision.load_prob.sum(dim=0)
-        else:
-            load = torch.bincount(routing.expert_idx, minlength=n).float()
-        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)))
+    def _gate(self, flat: Tensor, noise: Tensor | None) -> RouterOutput:
+        return self.router.route(flat, noise)
 
 
 class HierarchicalMoE(_MoEBase):
@@ -204,7 +175,7 @@ class HierarchicalMoE(_MoEBase):
         return (_rows(noise[0], num_tokens, (a,), "noise[0]"),
                 _rows(noise[1], num_tokens, (a, b), "noise[1]"))
 
-    def _gate(self, flat: Tensor, noise) -> _GateResult:
+    def _gate(self, flat: Tensor, noise) -> RouterOutput:
         cfg = self.config
         a, b = cfg.num_groups, cfg.experts_per_group
         primary_noise, secondary_noise = noise if noise is not None else (None, None)
@@ -226,7 +197,7 @@ class HierarchicalMoE(_MoEBase):
 
         importance = per_expert_sum(routing.expert_idx, routing.weight, a * b)
         load = self._hierarchical_load(first, second, group, tokens_per_group, flat)
-        return _GateResult(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)),
+        return RouterOutput(routing, importance, load, flat.new_zeros((), dtype=gate_dtype(flat)),
                            load_reduced=True)
 
     def _secondary_decision(self, flat: Tensor, token: Tensor, group: Tensor,
@@ -280,10 +251,3 @@ def _prod(values: tuple[int, ...]) -> int:
     for v in values:
         out *= v
     return out
-
-
-def _empty_gate(flat: Tensor, num_experts: int) -> _GateResult:
-    empty = torch.zeros(0, dtype=torch.long, device=flat.device)
-    zeros = torch.zeros(num_experts, device=flat.device)
-    routing = Routing(empty, empty, torch.zeros(0, device=flat.device), None)
-    return _GateResult(routing, zeros, zeros, zeros.sum())

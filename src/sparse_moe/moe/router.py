@@ -34,6 +34,22 @@ class Routing:
 
 
 @dataclass
+class RouterOutput:
+    """What a router hands the layer: the assignments and the balancing statistics.
+
+    ``importance`` and ``load`` are per expert (``[E]``), for this process's tokens; the layer
+    sums them over the data-parallel replicas unless ``load_reduced`` says the load was built
+    from sums already (hierarchical load is a product of sums, so summing products is wrong).
+    """
+
+    routing: Routing
+    importance: Tensor  # [E]
+    load: Tensor  # [E]
+    threshold_loss: Tensor  # scalar; nonzero only for strictly balanced gating in training
+    load_reduced: bool = False
+
+
+@dataclass
 class GateDecision:
     """Top-k choice over the rows of one logit matrix."""
 
@@ -78,9 +94,8 @@ class _ProbInTopK(torch.autograd.Function):
     """The load probability in a few passes over ``[N, n]``, forward and backward.
 
     Written out as separate ops (threshold, difference, quotient, normal CDF), autograd makes
-    many more passes over the ``[N, n]`` logits: noisy top-k gating at 8192 x 256 on 2 cores,
-    forward and backward, took 42 ms, and takes 35 ms with this function. The threshold is
-    picked before the CDF, so there is one normal CDF per entry.
+    many more passes over the ``[N, n]`` logits (``docs/benchmarks.md``, "Design choices
+    measured"). The threshold is picked before the CDF, so there is one normal CDF per entry.
     """
 
     @staticmethod
@@ -144,7 +159,7 @@ def gate_and_noise_logits(x: Tensor, w_gate: Tensor, w_noise: Tensor,
 
     ``x`` is read once instead of twice in the forward pass and in each backward product, and
     the product is wider: with few experts the two thin products are far from the machine's
-    speed (4 experts, 8192 x 512 on a 2-core CPU: 11 ms forward and backward, against 25).
+    speed (``docs/benchmarks.md``, "Design choices measured").
     ``product`` is the multiplication (``grouped_matmul`` for stacked secondary gates).
     """
     num_experts = w_gate.shape[-1]
@@ -180,7 +195,19 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts)) if noisy else None
 
+    def route(self, x: Tensor, noise: Tensor | None = None) -> RouterOutput:
+        """Top-k routing; the load is the smooth estimator's (the plain count without noise)."""
+        decision = self.decide(x, noise)
+        routing = top_k_routing(decision)
+        importance = per_expert_sum(routing.expert_idx, routing.weight, self.num_experts)
+        if decision.load_prob is not None:
+            load = decision.load_prob.sum(dim=0)
+        else:
+            load = torch.bincount(routing.expert_idx, minlength=self.num_experts).float()
+        return RouterOutput(routing, importance, load, x.new_zeros((), dtype=gate_dtype(x)))
+
     def decide(self, x: Tensor, noise: Tensor | None = None) -> GateDecision:
+        """The top-k choice alone (the hierarchical layer's gates use it directly)."""
         dtype = gate_dtype(x)
         xg = x.to(dtype)
         raw_std = None
@@ -212,8 +239,19 @@ class StrictlyBalancedRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
         self.threshold = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
 
-    def route(self, x: Tensor) -> tuple[Routing, Tensor]:
-        """Returns the routing and the threshold loss (zero outside training)."""
+    def route(self, x: Tensor, noise: Tensor | None = None) -> RouterOutput:
+        """Batch-wise (training) or thresholded (inference) routing; ``noise`` is not used.
+
+        The load is the count of tokens each expert got (no smooth estimator: no noise)."""
+        if x.shape[0] == 0:
+            return _empty_output(x, self.num_experts)
+        routing, threshold_loss = self.assign(x)
+        counts = torch.bincount(routing.expert_idx, minlength=self.num_experts).float()
+        importance = per_expert_sum(routing.expert_idx, routing.weight, self.num_experts)
+        return RouterOutput(routing, importance, counts, threshold_loss)
+
+    def assign(self, x: Tensor) -> tuple[Routing, Tensor]:
+        """The routing and the threshold loss (zero outside training)."""
         dtype = gate_dtype(x)
         probs = torch.softmax(x.to(dtype) @ self.w_gate.to(dtype), dim=-1)
         num_tokens = probs.shape[0]
@@ -237,3 +275,20 @@ class StrictlyBalancedRouter(nn.Module):
         top_tokens = probs.topk(per_expert, dim=0).indices  # [m, n]
         mask = torch.zeros_like(probs, dtype=torch.bool)
         return mask.scatter(0, top_tokens, True)
+
+
+def _empty_output(x: Tensor, num_experts: int) -> RouterOutput:
+    empty = torch.zeros(0, dtype=torch.long, device=x.device)
+    zeros = torch.zeros(num_experts, device=x.device)
+    return RouterOutput(Routing(empty, empty, torch.zeros(0, device=x.device), None), zeros,
+                        zeros, zeros.sum())
+
+
+def build_router(config) -> nn.Module:
+    """The flat router ``config.gating`` names (``MoEConfig``): a new gate is a class with
+    ``route(x, noise) -> RouterOutput`` and an entry here."""
+    if config.gating == "strict_balanced":
+        return StrictlyBalancedRouter(config.d_model, config.num_experts, config.k)
+    return NoisyTopKRouter(config.d_model, config.num_experts, config.k, config.noisy,
+                           config.noise_epsilon)
+

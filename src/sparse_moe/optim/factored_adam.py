@@ -53,8 +53,8 @@ class FactoredAdam(Optimizer):
         A first step that allocates the state lazily places it between that step's large
         temporary buffers (gradients, DeepSpeed's flattened all-reduce bucket); where freed
         host memory is kept for reuse (``run.retain_host_memory``) those long-lived blocks then
-        split the freed space, and the next step's buffers extend the heap instead (1 GiB
-        more per rank for MoE-1024-h at ``ep_size=4``). Allocated first, the state sits below.
+        split the freed space, and the next step's buffers extend the heap instead. Allocated
+        first, the state sits below them (``docs/benchmarks.md``, "Memory plan against measured runs").
         """
         for group in self.param_groups:
             for p in group["params"]:
@@ -153,8 +153,8 @@ def factored_root(row: Tensor, col: Tensor, correction: float, eps: float) -> Te
 
 # Matrices are updated in chunks of about this many elements (whole matrices), so that a
 # chunk's squared gradient and root stay in cache between the operations that use them:
-# stacked experts then cost about 3 memory passes per element instead of 10 (MoE-32's
-# parameters: 35 ms instead of 51 ms per step on a 2-core CPU).
+# stacked experts then cost about 3 memory passes per element instead of 10
+# (docs/benchmarks.md, "Optimizer step").
 FACTORED_CHUNK_ELEMENTS = 1 << 20
 
 

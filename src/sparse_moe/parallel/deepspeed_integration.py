@@ -80,8 +80,8 @@ def skip_allreduce_without_replicas(engine: DeepSpeedEngine, client_optimizer: A
     With one process and the client optimizer unwrapped (no ZeRO, no fp16 wrapper, whose
     reductions live inside the optimizer), DeepSpeed's fallback all-reduce still flattens
     every gradient into a bucket, reduces it over a group of one and copies it back: three
-    passes over all gradients per step, most of them experts' (about 20 ms per step for
-    MoE-32 on a 2-core CPU). Returns whether it was turned off.
+    passes over all gradients per step, most of them experts' (``docs/benchmarks.md``,
+    "Design choices measured"). Returns whether it was turned off.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != 1 or engine.optimizer is not client_optimizer:

@@ -26,7 +26,7 @@ from sparse_moe.plan.memory import MemoryParts, RankTensors, memory_parts, regim
 from sparse_moe.train.config import TrainConfig
 
 # Resident memory of a training process before its model: torch, DeepSpeed, gloo, the
-# trainer and its readers. CPU: measured (docs/benchmarks.md, 370-390 MiB). CUDA: the CUDA
+# trainer and its readers. CPU: measured (docs/benchmarks.md, "The framework constant"). CUDA: the CUDA
 # context, cuBLAS/cuDNN workspaces and NCCL buffers; not measured here (no GPU was lent),
 # a typical figure for a current driver on a Hopper GPU.
 FRAMEWORK_BYTES = {"cpu": 380 * 2**20, "cuda": 1024 * 2**20}
@@ -128,9 +128,9 @@ def retained_heap_allowance(config: TrainConfig, device: str, tensors: RankTenso
                             parts: MemoryParts, wrapper: str) -> int:
     """CPU runs that keep freed host memory (``run.retain_host_memory``) serve every buffer
     from one heap; a long-lived block allocated between two steps can split the space a large
-    transient buffer freed, and the next step's copy then extends the heap. Measured for
-    MoE-1024-h at ``ep_size=4``: 0.5 to 1 GiB more than without. Counted here as the worst
-    case: one more copy of the largest step buffer (the all-reduce bucket or a gradient)."""
+    transient buffer freed, and the next step's copy then extends the heap (measured:
+    ``docs/benchmarks.md``). Counted here as the worst case: one more copy of the largest step
+    buffer (the all-reduce bucket or a gradient)."""
     if device != "cpu" or not config.run.retain_host_memory or wrapper != "none":
         return 0  # DeepSpeed's wrappers allocate their buffers once, before the first step
     largest_gradient = max((p.numel() for p in tensors.dense + tensors.experts), default=0)

@@ -4,15 +4,15 @@ glibc's ``malloc`` serves every request above its mmap threshold (32 MiB at most
 ``mmap`` and unmaps it again on ``free``. A CPU training step allocates the same large buffers
 at every step (activations, logits, weight gradients: an MoE-256 layer's two expert gradients
 are 512 MiB each at d=512), so each step writes to fresh pages, which the kernel must fault
-in and zero first. Measured on a 2-core CPU: the weight gradients of 256 experts (``bmm`` of
-128-row groups) take 328 ms into a fresh buffer and 190 ms into a reused one, where a dense
-layer of the same multiply-adds takes 177 ms; MoE-32 trains at 1419 tokens/s with glibc's
-defaults and 2009 with freed memory kept (``docs/benchmarks.md``).
+in and zero first: for the experts' weight gradients that costs as much again as the product
+itself, and MoE-32 trains about 40% faster with freed memory kept (``docs/benchmarks.md``,
+"Design choices measured").
 
 :func:`retain_freed_host_memory` turns ``mmap`` off for ``malloc`` (``M_MMAP_MAX = 0``), so
 large blocks come from the heap too, and raises the trim threshold, so freed blocks stay
 mapped and are reused. What it costs: the process's resident memory stays at its peak
-instead of shrinking between steps (about 20% more for MoE-32 here). PyTorch's CPU tuning
+instead of shrinking between steps, and long-lived blocks can fragment the heap (the planner
+counts it: ``sparse_moe.plan``). PyTorch's CPU tuning
 guide recommends the same effect through jemalloc or tcmalloc (``LD_PRELOAD``); this needs
 nothing installed. Other C libraries are left alone.
 """
@@ -58,8 +58,8 @@ def release_freed_host_memory() -> bool:
 
     For after a one-off burst of allocations, such as loading a checkpoint: the loaded
     tensors are freed in pieces that later, larger step buffers cannot reuse, and with freed
-    memory kept they would stay resident for the rest of the run (about 1 GiB per rank for
-    MoE-1024-h at ``ep_size=4``). Blocks still in use are untouched.
+    memory kept they would stay resident for the rest of the run (a copy of the rank's
+    experts). Blocks still in use are untouched.
     """
     libc = _glibc()
     if libc is None:

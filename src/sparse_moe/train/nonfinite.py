@@ -58,8 +58,8 @@ class NonFiniteGuard:
     def _gradients_finite(self) -> bool:
         """One fused L2 norm over every gradient: NaN or Inf anywhere makes it non-finite.
 
-        A per-tensor ``isfinite`` costs 126 ms a step for MoE-32's 46M gradients on 2 CPU
-        cores (9% of the step, and more for models with more experts); the fused norm 8 ms.
+        A per-tensor ``isfinite`` makes a pass per tensor and costs a tenth of a CPU step for
+        MoE-32; the fused norm a sixteenth of that (``docs/benchmarks.md``, "Design choices measured").
         Finite gradients whose norm overflows fp32 (above ~1e19) count as non-finite too.
         """
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
