@@ -1,7 +1,8 @@
 """``sparse-moe-train``: train a language model from a YAML config plus dotted overrides.
 
-    sparse-moe-train --config configs/lm_debug.yaml run.steps=200 optimizer.lr=3e-3
-    deepspeed --num_gpus 8 -m sparse_moe.train --config configs/lm_moe256.yaml parallel.ep_size=8
+    sparse-moe-train --config configs/demo.yaml data.corpus=corpora/wt2 run.steps=200
+    deepspeed --num_gpus 8 -m sparse_moe.train --config my_run.yaml model.preset=moe-256 \
+        parallel.ep_size=8 deepspeed.config=ds_configs/zero1_bf16.json
     torchrun --nproc-per-node 2 -m sparse_moe.train --config ... run.resume=true
 """
 
