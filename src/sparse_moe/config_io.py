@@ -118,13 +118,17 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str) -> T:
                           f"{_found(values)}")
     values = dict(values)
     hints = typing.get_type_hints(cls)
-    reject_unknown_fields(cls, values, source)
+    reject_unknown_fields(cls, values, source, cls.__name__)
     check_field_types(cls, values, source)
     kwargs = {}
     for name, value in values.items():
         nested = _dataclass_type(hints[name])
         if nested is not None and isinstance(value, Mapping):
             value = from_dict(nested, value, f"{source}.{name}")
+        item_type = _list_item_dataclass(hints[name])
+        if item_type is not None and isinstance(value, (list, tuple)):
+            value = [from_dict(item_type, item, f"{source}.{name}[{i}]")
+                     if isinstance(item, Mapping) else item for i, item in enumerate(value)]
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -208,6 +212,20 @@ def _dataclass_type(hint: Any) -> type | None:
         for arg in typing.get_args(hint):
             if dataclasses.is_dataclass(arg):
                 return arg
+    return None
+
+
+def _list_item_dataclass(hint: Any) -> type | None:
+    """``Item`` for a ``list[Item]`` annotation whose items are dataclasses."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if (item := _list_item_dataclass(arg)) is not None:
+                return item
+        return None
+    if typing.get_origin(hint) in (list, tuple):
+        args = typing.get_args(hint)
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
     return None
 
 

@@ -39,3 +39,18 @@ def test_debug_yaml_builds_a_model():
     config = load_model_config(CONFIG_DIR / "debug-moe.yaml")
     assert isinstance(config, LMConfig)
     assert len(build_model(config).moe_layers) == 1
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"vocab_size": "ten"}, r"src\.vocab_size: expected an integer, found 'ten' \(str\)"),
+    ({"vocab_size": 10, "layers": [{"kind": "lstm", "hidden_size": 8.5}]},
+     r"src\.layers\[0\]\.hidden_size: expected an integer, found 8\.5"),
+    ({"vocab_size": 10, "layers": [{"kind": "moe", "moe": {"d_hidden": 8, "num_experts": "8"}}]},
+     r"LayerConfig\.moe\.num_experts: expected an integer, found '8' \(str\)"),
+    ({"vocab_size": 10, "layers": [{"kind": "lstm", "hidden_size": 8}], "dropout": True},
+     r"src\.dropout: expected a number, found True"),
+])
+def test_types_are_checked_at_every_level_of_a_model_config(values, message):
+    """One validation path (config_io.from_dict) for the model, its layers and their MoEs."""
+    with pytest.raises(ValueError, match=message):
+        LMConfig.from_dict(values, source="src")

@@ -169,7 +169,7 @@ def test_bad_configs_name_the_field():
     with pytest.raises(ValueError, match="bidirectional"):
         LMConfig(vocab_size=10, layers=[LayerConfig(kind="lstm", hidden_size=4,
                                                     bidirectional=True)])
-    with pytest.raises(ValueError, match="LayerConfig.moe: unknown MoE config field"):
+    with pytest.raises(ValueError, match="LayerConfig.moe: unknown MoEConfig field"):
         MoELSTMLanguageModel(LMConfig(vocab_size=10, d_model=8, layers=[
             LayerConfig(kind="moe", moe={"d_hidden": 8, "num_experts": 2, "top_k": 1})]))
     with pytest.raises(ValueError, match=r"shape \[batch, time\]"):

@@ -182,7 +182,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_bad_translation_configs():
     with pytest.raises(ValueError, match="encoder_moe_after"):
         TranslationConfig(vocab_size=10, encoder_layers=2, encoder_moe_after=3)
-    with pytest.raises(ValueError, match="TranslationConfig.moe: unknown MoE config field"):
+    with pytest.raises(ValueError, match="TranslationConfig.moe: unknown MoEConfig field"):
         TranslationConfig(vocab_size=10, moe={"d_hidden": 8, "num_experts": 4, "kk": 2})
     with pytest.raises(ValueError, match="non-padding"):
         _model()(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 2, dtype=torch.long))

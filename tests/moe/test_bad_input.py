@@ -30,7 +30,7 @@ def test_invalid_config(kwargs, message):
 
 
 def test_unknown_yaml_field_is_named():
-    with pytest.raises(ValueError, match=r"configs/lm\.yaml: unknown MoE config field\(s\) \['topk'\]"):
+    with pytest.raises(ValueError, match=r"configs/lm\.yaml: unknown MoEConfig field\(s\) \['topk'\]"):
         MoEConfig.from_dict({"d_model": 4, "d_hidden": 8, "num_experts": 4, "topk": 2},
                             source="configs/lm.yaml")
 

@@ -52,6 +52,6 @@ def test_config_errors(kwargs, message):
 
 
 def test_unknown_yaml_field_is_named():
-    with pytest.raises(ValueError, match=r"configs/ep\.yaml: unknown expert-parallel config "
+    with pytest.raises(ValueError, match=r"configs/ep\.yaml: unknown ExpertParallelConfig "
                                          r"field\(s\) \['ep'\]"):
         ExpertParallelConfig.from_dict({"ep": 2}, source="configs/ep.yaml")

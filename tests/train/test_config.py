@@ -24,7 +24,7 @@ def test_overrides_parse_yaml_scalars_and_nest():
 def test_unknown_field_names_file_and_section(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data: {corpus: x}\nrun: {stpes: 10}\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml\.run: unknown field\(s\) \['stpes'\]"):
+    with pytest.raises(ConfigError, match=r"run\.yaml\.run: unknown RunConfig field\(s\) \['stpes'\]"):
         load_train_config(path)
 
 
@@ -75,4 +75,4 @@ def test_vocabulary_mismatch_with_the_corpus_fails_clearly(wt_corpus, tmp_path):
 def test_command_line_reports_config_errors_with_exit_code_2(tmp_path):
     proc = run_training(["data.corpus=x", "run.stpes=3"], check=False)
     assert proc.returncode == 2
-    assert "configuration error: command line.run: unknown field(s) ['stpes']" in proc.stderr
+    assert "configuration error: command line.run: unknown RunConfig field(s) ['stpes']" in proc.stderr

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from sparse_moe.config_io import reject_unknown_fields
+from sparse_moe.config_io import from_dict
 from sparse_moe.moe import MoEConfig
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
@@ -200,10 +200,9 @@ def _layer(value: LayerConfig | Mapping[str, Any], source: str) -> LayerConfig:
 
 
 def _from_dict(cls, values: Mapping[str, Any], source: str):
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, found {values!r}")
-    reject_unknown_fields(cls, values, source, cls.__name__)
-    return cls(**dict(values))
+    """Every model config is built through ``sparse_moe.config_io.from_dict``: unknown fields
+    and wrong types fail there, naming ``source`` and the field."""
+    return from_dict(cls, values, source)
 
 
 def _require(ok: bool, name: str, expected: str, found: Any) -> None:

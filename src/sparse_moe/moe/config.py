@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sparse_moe.config_io import reject_unknown_fields
+from sparse_moe.config_io import from_dict
 
 GATING_KINDS = ("noisy_topk", "topk", "strict_balanced")
 EXPERT_TYPES = ("ffn",)
@@ -101,9 +101,9 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "MoEConfig") -> "MoEConfig":
-        """Builds a config from a mapping (YAML section), naming unknown keys clearly."""
-        reject_unknown_fields(cls, values, source, "MoE config")
-        return cls(**dict(values))
+        """Builds the config from a mapping (a YAML section): unknown fields and wrong types fail
+        naming ``source`` and the field (``sparse_moe.config_io.from_dict``)."""
+        return from_dict(cls, values, source)
 
 
 def _require(ok: bool, field: str, expected: str, found: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch.optim import Optimizer
 
-from sparse_moe.config_io import reject_unknown_fields
+from sparse_moe.config_io import from_dict
 from sparse_moe.optim.factored_adam import FactoredAdam, factored_second_moment, optimizer_state_numel
 from sparse_moe.optim.schedule import ScheduleConfig, build_scheduler, warmup_hold_rsqrt
 
@@ -34,8 +34,9 @@ class OptimizerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any],
                   source: str = "OptimizerConfig") -> "OptimizerConfig":
-        reject_unknown_fields(cls, values, source, "OptimizerConfig")
-        return cls(**dict(values))
+        """Builds the config from a mapping (a YAML section): unknown fields and wrong types fail
+        naming ``source`` and the field (``sparse_moe.config_io.from_dict``)."""
+        return from_dict(cls, values, source)
 
 
 def build_optimizer(params: Iterable[Any], config: OptimizerConfig) -> Optimizer:
