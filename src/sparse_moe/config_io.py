@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -235,3 +236,70 @@ def _deep_copy(values: Any) -> Any:
     if isinstance(values, list):
         return [_deep_copy(v) for v in values]
     return values
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's one-line documentation: the comment on its line, or the comment lines just
+    above it, in the dataclass's source (as ``simple_parsing`` reads them). The comments are
+    the single place a field is documented: ``--help`` is made from them."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        inline = [comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1)
+                  if n in comments]
+        above, n = [], node.lineno - 1
+        while n >= 1 and lines[n - 1].strip().startswith("#"):
+            above.insert(0, comments.get(n, ""))
+            n -= 1
+        text = " ".join(inline or above).strip()
+        if text:
+            docs[node.target.id] = text
+    return docs
+
+
+def type_name(hint: Any) -> str:
+    """An annotation as a reader writes it: ``int``, ``str | None``, ``list[str]``."""
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(hint))
+    origin = typing.get_origin(hint)
+    if origin is not None:
+        args = ", ".join(type_name(arg) for arg in typing.get_args(hint))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if hint is Any:
+        return "Any"
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def describe_fields(cls: type, prefix: str, indent: str = "  ") -> list[str]:
+    """``prefix.field: type = default`` and the field's documentation, for every field."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    lines = []
+    for item in dataclasses.fields(cls):
+        if item.default is not dataclasses.MISSING:
+            default = f" = {item.default!r}"
+        elif item.default_factory is not dataclasses.MISSING:
+            default = f" = {item.default_factory()!r}"
+        else:
+            default = " (required)"
+        lines.append(f"{indent}{prefix}{item.name}: {type_name(hints[item.name])}{default}")
+        if item.name in docs:
+            lines += textwrap.wrap(docs[item.name], width=92, initial_indent=indent + "    ",
+                                   subsequent_indent=indent + "    ")
+    return lines

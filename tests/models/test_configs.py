@@ -19,9 +19,20 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 @pytest.mark.parametrize("name", sorted(LM_PRESETS) + sorted(TRANSLATION_PRESETS))
 def test_yaml_equals_preset(name):
-    loaded = load_model_config(CONFIG_DIR / f"{name}.yaml")
+    """Generated from the presets (the one source), and loading back to the same config."""
+    from sparse_moe.models.preset_files import YAML_COMMAND, preset_yaml
+
+    path = CONFIG_DIR / f"{name}.yaml"
+    assert path.read_text(encoding="utf-8") == preset_yaml(name), (
+        f"{path} differs from the preset {name!r}; regenerate with {YAML_COMMAND}")
+    loaded = load_model_config(path)
     preset = lm_preset(name) if name in LM_PRESETS else translation_preset(name)
     assert loaded == preset
+
+
+def test_no_yaml_without_a_preset():
+    names = {path.stem for path in CONFIG_DIR.glob("*.yaml")}
+    assert names == set(LM_PRESETS) | set(TRANSLATION_PRESETS)
 
 
 def test_yaml_errors_name_the_file_and_field(tmp_path):

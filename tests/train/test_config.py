@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,67 @@ def test_command_line_reports_config_errors_with_exit_code_2(tmp_path):
     proc = run_training(["data.corpus=x", "run.stpes=3"], check=False)
     assert proc.returncode == 2
     assert "configuration error: command line.run: unknown RunConfig field(s) ['stpes']" in proc.stderr
+
+
+def test_help_lists_every_section_and_field_with_type_default_and_doc(capsys):
+    import dataclasses
+    import typing
+
+    from sparse_moe.config_io import field_docs
+    from sparse_moe.train.cli import parse_args
+    from sparse_moe.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        docs = field_docs(cls)
+        for item in dataclasses.fields(cls):
+            assert f"  {section.name}.{item.name}: " in shown, f"{section.name}.{item.name}"
+            assert item.name in docs, f"{cls.__name__}.{item.name} has no documentation"
+    assert "  run.steps: int = 100\n      optimizer steps to train to" in shown
+    assert "  model.overrides.d_model: int = 512" in shown
+    assert "  num_experts: int (required)" in shown  # the MoE fields
+    assert "lm_debug.yaml" not in shown and "lm_moe256.yaml" not in shown
+
+
+def test_print_config_prints_the_effective_yaml_and_trains_nothing(tmp_path, capsys):
+    import yaml
+
+    from sparse_moe.train.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("run:\n  steps: 7\nmodel:\n  preset: moe-32\n")
+    assert main(["--config", str(config), "--print-config", "data.corpus=corpora/x",
+                 "optimizer.lr=3e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"]["steps"] == 7 and printed["run"]["seed"] == 1234  # a default
+    assert printed["model"]["preset"] == "moe-32" and printed["optimizer"]["lr"] == 3e-4
+    assert printed["data"]["corpus"] == "corpora/x"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_preset_may_be_the_path_of_a_model_yaml(tmp_path):
+    """A user's own model without Python: a copy of configs/models/debug-moe.yaml, changed."""
+    from sparse_moe.train.tasks import base_model_config, resolve_model_config
+
+    repo_yaml = Path(__file__).resolve().parents[2] / "configs" / "models" / "debug-moe.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(repo_yaml.read_text().replace("num_experts: 8", "num_experts: 12"))
+    config = load_train_config(None, [f"model.preset={mine}", "data.corpus=c",
+                                      "model.overrides.d_model=48"])
+    model = resolve_model_config(config, vocab_size=300)
+    assert model.vocab_size == 300 and model.d_model == 48
+    assert model.layers[1].moe["num_experts"] == 12
+    with pytest.raises(ConfigError, match=r"model.preset: expected a model YAML file .*found no "
+                                          r"file .*nope\.yaml"):
+        base_model_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"model.preset: expected one of .* or the path of a "
+                                          r"model YAML, found 'moe-33'"):
+        base_model_config("moe-33")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: lm\nvocab_size: 10\nlayers: [{kind: lstm, hidden_size: eight}]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml\.layers\[0\]\.hidden_size: expected an "
+                                          r"integer, found 'eight'"):
+        base_model_config(str(bad))

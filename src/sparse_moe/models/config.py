@@ -29,13 +29,13 @@ class LayerConfig:
     output sigmoid when ``output_sigmoid`` (MoE-1-Wide / MoE-1-Deep without a gate).
     """
 
-    kind: str
-    hidden_size: int = 0
-    proj_size: int = 0
-    hidden_layers: int = 1
-    output_sigmoid: bool = False
-    bidirectional: bool = False
-    moe: dict[str, Any] | None = None
+    kind: str  # lstm, moe or ffn
+    hidden_size: int = 0  # lstm: units; ffn: hidden width
+    proj_size: int = 0  # lstm: projection of its output (0: none)
+    hidden_layers: int = 1  # ffn: hidden layers
+    output_sigmoid: bool = False  # ffn: a sigmoid on the output, as the MoE's
+    bidirectional: bool = False  # lstm: both directions (translation encoders only)
+    moe: dict[str, Any] | None = None  # moe: MoEConfig fields (d_model comes from the model)
 
     def __post_init__(self) -> None:
         _require(self.kind in LAYER_KINDS, "LayerConfig.kind", f"one of {LAYER_KINDS}", self.kind)
@@ -73,15 +73,15 @@ class LMConfig:
     of a preset: ``model.overrides.moe_overrides.w_load=0``).
     """
 
-    vocab_size: int
-    d_model: int = 512
-    layers: list[LayerConfig] = field(default_factory=list)
-    dropout: float = 0.1
-    residual: bool = True
-    tie_embeddings: bool = False
-    activation_checkpointing: bool = False
-    pad_id: int | None = None
-    moe_overrides: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int  # set from the corpus by the trainer
+    d_model: int = 512  # embedding width (and of every layer with a residual)
+    layers: list[LayerConfig] = field(default_factory=list)  # the stack, bottom to top
+    dropout: float = 0.1  # on the embedding and every layer's output
+    residual: bool = True  # add each layer's input to its output where the widths match
+    tie_embeddings: bool = False  # the softmax shares the embedding matrix
+    activation_checkpointing: bool = False  # set from model.activation_checkpointing
+    pad_id: int | None = None  # positions with this id are not routed (None: every position)
+    moe_overrides: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields, all layers
 
     def __post_init__(self) -> None:
         self.layers = [_layer(layer, f"LMConfig.layers[{i}]")
@@ -121,22 +121,22 @@ class TranslationConfig:
     shared vocabulary (and embedding) for source and target.
     """
 
-    vocab_size: int
-    d_model: int = 512
-    hidden_size: int = 2048
-    encoder_layers: int = 3
-    decoder_layers: int = 2
-    encoder_moe_after: int = 2
-    decoder_moe_after: int = 1
-    moe: dict[str, Any] = field(default_factory=lambda: {
+    vocab_size: int  # set from the corpus by the trainer (one vocabulary for both sides)
+    d_model: int = 512  # embedding width and the LSTMs' projections
+    hidden_size: int = 2048  # LSTM units
+    encoder_layers: int = 3  # encoder LSTMs
+    decoder_layers: int = 2  # decoder LSTMs
+    encoder_moe_after: int = 2  # the encoder's MoE follows this LSTM (0: none)
+    decoder_moe_after: int = 1  # the decoder's MoE follows this LSTM (0: none)
+    moe: dict[str, Any] = field(default_factory=lambda: {  # MoEConfig fields of both MoEs
         "d_hidden": 2048, "num_experts": 32, "k": 4})
-    dropout: float = 0.4
-    bidirectional_first: bool = True
-    tie_embeddings: bool = False
-    activation_checkpointing: bool = False
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    dropout: float = 0.4  # on the embedding and every layer's output
+    bidirectional_first: bool = True  # the first encoder LSTM reads both directions
+    tie_embeddings: bool = False  # the softmax shares the embedding matrix
+    activation_checkpointing: bool = False  # set from model.activation_checkpointing
+    pad_id: int = 0  # set from the corpus's tokenizer
+    bos_id: int = 1  # set from the corpus's tokenizer
+    eos_id: int = 2  # set from the corpus's tokenizer
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 4, "TranslationConfig.vocab_size", "an integer >= 4",

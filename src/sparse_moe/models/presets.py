@@ -237,3 +237,4 @@ def _moe_sections(name: str) -> list[dict[str, Any]]:
         return [config.moe] if config.encoder_moe_after or config.decoder_moe_after else []
     return [layer.moe for layer in config.layers if layer.kind == "moe" and layer.moe]
 
+

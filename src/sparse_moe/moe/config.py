@@ -22,31 +22,27 @@ class MoEConfig:
     group's gate picks ``k`` of its experts, so a token uses ``k_primary * k`` experts.
     """
 
-    d_model: int
-    d_hidden: int
-    num_experts: int
-    k: int = 4
-    d_out: int | None = None
-    # Gating: "noisy_topk" (the paper's default), "topk" (no noise, no W_noise),
-    # "strict_balanced" (batch-wise mask in training, learned thresholds at inference).
+    d_model: int  # input width (set from the model)
+    d_hidden: int  # each expert's hidden width
+    num_experts: int  # experts in the layer (all groups together when hierarchical)
+    k: int = 4  # experts a token uses (per group when hierarchical)
+    d_out: int | None = None  # output width (None: d_model)
+    # noisy_topk (the paper's), topk (no noise, no W_noise), strict_balanced (batch-wise mask
+    # in training, learned thresholds at inference)
     gating: str = "noisy_topk"
-    noise_epsilon: float = 1e-2
-    w_importance: float = 0.1
-    w_load: float = 0.1
-    w_threshold: float = 1.0
-    cv_epsilon: float = 1e-10
-    # Experts: feed-forward networks with `expert_hidden_layers` ReLU hidden layers of d_hidden.
-    expert_type: str = "ffn"
-    expert_hidden_layers: int = 1
-    expert_activation: str = "relu"
-    expert_bias: bool = False
-    # The paper's language model applies a sigmoid to the MoE output.
-    output_sigmoid: bool = False
-    # Hierarchical MoE.
-    num_groups: int = 0
-    k_primary: int | None = None
-    # Raise on NaN/Inf inputs instead of letting them propagate (costs one reduction).
-    check_finite: bool = False
+    noise_epsilon: float = 1e-2  # added to the noise's standard deviation
+    w_importance: float = 0.1  # weight of the importance loss (CV^2 of importance)
+    w_load: float = 0.1  # weight of the load loss (CV^2 of the smooth load)
+    w_threshold: float = 1.0  # weight of the threshold loss (strict_balanced)
+    cv_epsilon: float = 1e-10  # keeps CV^2 finite when a statistic is all zeros
+    expert_type: str = "ffn"  # feed-forward networks (the only kind)
+    expert_hidden_layers: int = 1  # ReLU hidden layers of d_hidden in each expert
+    expert_activation: str = "relu"  # the experts' activation (the only kind)
+    expert_bias: bool = False  # biases in the experts (off, as in the original experts)
+    output_sigmoid: bool = False  # a sigmoid on the layer's output (the paper's LM)
+    num_groups: int = 0  # groups of a hierarchical layer (0: flat)
+    k_primary: int | None = None  # groups a token uses (None: k)
+    check_finite: bool = False  # raise on NaN/Inf inputs (costs one reduction)
 
     def __post_init__(self) -> None:
         if self.d_out is None:

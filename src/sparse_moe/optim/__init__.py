@@ -19,12 +19,12 @@ OPTIMIZER_KINDS = ("adam", "factored_adam")
 class OptimizerConfig:
     """``adam`` (torch's Adam, or AdamW with weight decay) or ``factored_adam`` (the paper's)."""
 
-    name: str = "factored_adam"
-    lr: float = 1e-3
-    beta1: float = 0.0
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    name: str = "factored_adam"  # factored_adam (the paper's) or adam
+    lr: float = 1e-3  # the peak learning rate (the schedule scales it)
+    beta1: float = 0.0  # first-moment decay; 0 (the paper's) keeps no first moment
+    beta2: float = 0.999  # second-moment decay
+    eps: float = 1e-8  # added to the root of the second moment
+    weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_KINDS:

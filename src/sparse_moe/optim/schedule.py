@@ -19,8 +19,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 @dataclass
 class ScheduleConfig:
-    warmup_steps: int = 1000
-    hold_steps: int = 0
+    warmup_steps: int = 1000  # linear warm-up to the peak learning rate
+    hold_steps: int = 0  # steps at the peak, before the inverse square root
 
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "hold_steps"):

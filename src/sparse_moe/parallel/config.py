@@ -19,9 +19,10 @@ class ExpertParallelConfig:
     ``ceil(capacity_factor * assignments / num_experts)``; the excess is dropped and counted.
     """
 
-    ep_size: int = 1
+    ep_size: int = 1  # ranks that share one copy of the experts (each holds 1/ep_size)
+    # None: dropless; otherwise each rank sends an expert at most capacity_factor x its share
     capacity_factor: float | None = None
-    min_capacity: int = 0
+    min_capacity: int = 0  # the least capacity per expert when capacity_factor is set
     # Measure the wall time of every all-to-all (forward and backward); costs a sync each.
     time_communication: bool = False
     # DeepSpeed's alternative rank layout: consecutive ranks form expert-data-parallel groups.

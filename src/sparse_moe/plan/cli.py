@@ -54,17 +54,14 @@ def load_config(path: str | None, overrides: list[str]):
 
 def resolve_vocabulary(config, vocab_size: int | None) -> int:
     from sparse_moe.data.corpus import MANIFEST_NAME, load_manifest
-    from sparse_moe.models.presets import preset_config
+    from sparse_moe.train.tasks import base_model_config
 
     corpus = Path(config.data.corpus)
     if vocab_size is None and (corpus / MANIFEST_NAME).is_file():
         return int(load_manifest(corpus)["tokenizer"]["vocab_size"])
     if vocab_size is not None:
         return vocab_size
-    try:
-        return preset_config(config.model.preset).vocab_size
-    except ValueError as error:
-        raise ConfigError(f"model.preset: {error}") from None
+    return base_model_config(config.model.preset).vocab_size
 
 
 def format_plan(plan) -> str:

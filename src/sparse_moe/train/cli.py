@@ -1,8 +1,9 @@
-"""``sparse-moe-train``: train a language model from a YAML config plus dotted overrides.
+"""``sparse-moe-train``: train a language or translation model from a YAML config plus
+``section.field=value`` overrides (YAML values: ``optimizer.lr=3e-4``, ``run.resume=true``,
+``data.eval_splits=[valid]``).
 
     sparse-moe-train --config configs/demo.yaml data.corpus=corpora/wt2 run.steps=200
-    deepspeed --num_gpus 8 -m sparse_moe.train --config my_run.yaml model.preset=moe-256 \
-        parallel.ep_size=8 deepspeed.config=ds_configs/zero1_bf16.json
+    deepspeed --num_gpus 8 -m sparse_moe.train --config my_run.yaml parallel.ep_size=8
     torchrun --nproc-per-node 2 -m sparse_moe.train --config ... run.resume=true
 """
 
@@ -17,12 +18,42 @@ from sparse_moe.train.errors import TrainingAborted
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sparse-moe-train", description=__doc__,
+                                     epilog=configuration_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the run's sections")
     parser.add_argument("--resume", action="store_true", help="same as run.resume=true")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (YAML) and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return parser.parse_args(argv)
+
+
+def configuration_help() -> str:
+    """Every section and field (type, default, documentation), made from the dataclasses."""
+    import dataclasses
+    import typing
+
+    from sparse_moe.config_io import describe_fields
+    from sparse_moe.models import LayerConfig, LMConfig, TranslationConfig
+    from sparse_moe.moe import MoEConfig
+    from sparse_moe.train.config import TrainConfig
+
+    lines = ["configuration (a YAML section each; override any field as section.field=value):"]
+    hints = typing.get_type_hints(TrainConfig)
+    for section in dataclasses.fields(TrainConfig):
+        cls = hints[section.name]
+        lines += ["", f"{section.name} ({cls.__name__}):",
+                  *describe_fields(cls, f"{section.name}.")]
+    for title, cls, prefix in (
+            ("model.overrides of a language model (LMConfig)", LMConfig, "model.overrides."),
+            ("an item of its layers list (LayerConfig)", LayerConfig, ""),
+            ("model.overrides of a translation model (TranslationConfig)", TranslationConfig,
+             "model.overrides."),
+            ("a MoE mapping (MoEConfig): a layer's moe, moe_overrides, a translation model's moe",
+             MoEConfig, "")):
+        lines += ["", f"{title}:", *describe_fields(cls, prefix)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +75,9 @@ def run_command(args: argparse.Namespace) -> int:
         from sparse_moe.train.config import load_train_config
 
         config = load_train_config(args.config, overrides)
+        if args.print_config:
+            print_config(config)
+            return 0
         check_inputs(config, str(args.config or "command line"))
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
@@ -60,6 +94,15 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"sparse-moe-train: input error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def print_config(config) -> None:
+    """The configuration the run would use (every field, defaults filled in), as YAML."""
+    import yaml
+
+    from sparse_moe.config_io import to_dict
+
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
 
 
 def check_inputs(config, source: str) -> None:

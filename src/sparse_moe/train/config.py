@@ -27,16 +27,16 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 1234
-    steps: int = 100
-    log_every: int = 10
+    dir: str = "runs/default"  # the run directory: config, checkpoints, metrics, summary
+    seed: int = 1234  # initial weights, data order, dropout and gating noise
+    steps: int = 100  # optimizer steps to train to (a resumed run continues to it)
+    log_every: int = 10  # steps between logged metrics
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 0  # per split and rank; 0: the whole split
     save_every: int = 0  # 0: save at the end only
-    keep_last: int = 2
-    resume: bool = False
-    progress: bool = True
+    keep_last: int = 2  # committed checkpoints kept (older ones are deleted)
+    resume: bool = False  # continue from the latest checkpoint of run.dir
+    progress: bool = True  # a progress bar on rank 0
     # A collective waiting longer than this ends the run with an error (a dead or hung rank).
     collective_timeout_minutes: float = 30.0
     # Steps in a row with a NaN/Inf loss or gradient (each skipped) before the run stops.
@@ -58,18 +58,21 @@ class RunConfig:
 
 @dataclass
 class ModelSection:
+    # a preset name (docs/models.md) or the path of a model YAML (configs/models/*.yaml)
     preset: str = "debug-moe"
-    overrides: dict[str, Any] = field(default_factory=dict)  # LMConfig fields
-    activation_checkpointing: bool = False
+    # fields of the model's config (LMConfig or TranslationConfig) that replace the preset's
+    overrides: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
 
 
 @dataclass
 class DataConfig:
-    corpus: str = ""
-    tokenizer: str | None = None
-    micro_batch_size: int = 8
-    seq_len: int = 32
-    train_split: str = "train"
+    corpus: str = ""  # a corpus directory written by data_prep (with manifest.json)
+    tokenizer: str | None = None  # its tokenizer file (checked against the manifest)
+    micro_batch_size: int = 8  # sequences per rank and micro-step (language models)
+    seq_len: int = 32  # tokens per sequence (language models)
+    train_split: str = "train"  # the split trained on
+    # the splits evaluated (perplexity; BLEU too for translation)
     eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
     max_tokens: int = 2048  # translation: padded tokens per batch (rows x longest side)
     # translation: split -> the original target-side text (one line per pair) that BLEU is
@@ -89,8 +92,8 @@ class DataConfig:
 class DecodeConfig:
     """Beam search for the translation model's BLEU evaluation."""
 
-    beam_size: int = 4
-    max_length: int = 100
+    beam_size: int = 4  # hypotheses kept per sentence
+    max_length: int = 100  # tokens at most per translation
     length_penalty: float = 0.6  # GNMT's alpha
 
     def __post_init__(self) -> None:
@@ -100,12 +103,12 @@ class DecodeConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = "ds_configs/cpu_fp32.json"
-    gradient_accumulation_steps: int = 1
+    config: str = "ds_configs/cpu_fp32.json"  # the DeepSpeed JSON to start from (ds_configs/)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     train_batch_size: int | None = None  # checked against micro x accumulation x data-parallel
     gradient_clipping: float | None = None  # overrides the JSON when set
     precision: str | None = None  # overrides the JSON's bf16/fp16 sections when set
-    zero_stage: int | None = None
+    zero_stage: int | None = None  # overrides the JSON's ZeRO stage (0, 1, 2) when set
     wall_clock_breakdown: bool | None = None  # DeepSpeed's per-phase timers, when set
 
     def __post_init__(self) -> None:
@@ -119,11 +122,11 @@ class DeepSpeedSection:
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True
-    wandb_mode: str = "offline"
-    project: str = "sparse-moe"
+    wandb: bool = True  # log to wandb through DeepSpeed's monitor
+    wandb_mode: str = "offline"  # offline (sync later with wandb sync), online or disabled
+    project: str = "sparse-moe"  # the wandb project
     group: str | int | None = None  # default: the Slurm job id, if any
-    csv: bool = True
+    csv: bool = True  # one CSV per metric under <run>/metrics/
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in WANDB_MODES:

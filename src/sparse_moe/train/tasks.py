@@ -20,7 +20,14 @@ from torch import Tensor
 from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, check_field_types
 from sparse_moe.data import Corpus, LMBatches, TranslationBatches
-from sparse_moe.models import LMConfig, TranslationConfig, beam_search, lm_preset, translation_preset
+from sparse_moe.models import (
+    LMConfig,
+    TranslationConfig,
+    beam_search,
+    lm_preset,
+    load_model_config,
+    translation_preset,
+)
 from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
 from sparse_moe.train.config import TrainConfig
 
@@ -39,13 +46,35 @@ class Task(Protocol):
 
 
 def make_task(config: TrainConfig, corpus: Corpus, tokenizer: Any, rank: int, world: int) -> Task:
-    preset = config.model.preset
-    if preset in TRANSLATION_PRESETS:
+    if isinstance(base_model_config(config.model.preset), TranslationConfig):
         return TranslationTask(config, corpus, tokenizer, rank, world)
+    return LanguageModelTask(config, corpus, tokenizer, rank, world)
+
+
+def base_model_config(preset: str, vocab_size: int | None = None
+                      ) -> LMConfig | TranslationConfig:
+    """``model.preset``: a preset's config, or the model YAML it names (``configs/models/``
+    holds one per preset to start from); ``vocab_size`` replaces the file's or preset's."""
+    if preset in TRANSLATION_PRESETS:
+        return translation_preset(preset, vocab_size)
     if preset in LM_PRESETS:
-        return LanguageModelTask(config, corpus, tokenizer, rank, world)
-    raise ConfigError(f"model.preset: expected one of {sorted(LM_PRESETS)} (language models) or "
-                      f"{sorted(TRANSLATION_PRESETS)} (translation), found {preset!r}")
+        return lm_preset(preset, vocab_size)
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml") and not path.is_file():
+        raise ConfigError(f"model.preset: expected one of {sorted(LM_PRESETS)} (language models), "
+                          f"{sorted(TRANSLATION_PRESETS)} (translation) or the path of a model "
+                          f"YAML, found {preset!r}")
+    if not path.is_file():
+        raise ConfigError(f"model.preset: expected a model YAML file (as in configs/models/), "
+                          f"found no file {path}")
+    try:
+        config = load_model_config(path)
+    except ValueError as error:
+        raise ConfigError(f"model.preset: {error}") from None
+    if vocab_size is None:
+        return config
+    return type(config).from_dict({**config.to_dict(), "vocab_size": vocab_size},
+                                  source=str(path))
 
 
 def _model_values(config: TrainConfig, base: dict[str, Any], **fixed: Any) -> dict[str, Any]:
@@ -60,17 +89,12 @@ def resolve_model_config(config: TrainConfig, vocab_size: int, source: str = "mo
     ``special_ids`` (translation: ``pad_id``, ``bos_id``, ``eos_id``) come from the corpus and
     its tokenizer; the planner, which reads no tokenizer, passes the presets' own.
     """
-    preset = config.model.preset
-    if preset in TRANSLATION_PRESETS:
-        base = translation_preset(preset, vocab_size).to_dict()
-        values = _model_values(config, base, vocab_size=vocab_size, **special_ids)
+    base = base_model_config(config.model.preset, vocab_size)
+    if isinstance(base, TranslationConfig):
+        values = _model_values(config, base.to_dict(), vocab_size=vocab_size, **special_ids)
         return _checked_model_config(TranslationConfig, values, source)
-    if preset in LM_PRESETS:
-        base = lm_preset(preset, vocab_size).to_dict()
-        values = _model_values(config, base, vocab_size=vocab_size)
-        return _checked_model_config(LMConfig, values, source)
-    raise ConfigError(f"model.preset: expected one of {sorted(LM_PRESETS)} (language models) or "
-                      f"{sorted(TRANSLATION_PRESETS)} (translation), found {preset!r}")
+    values = _model_values(config, base.to_dict(), vocab_size=vocab_size)
+    return _checked_model_config(LMConfig, values, source)
 
 
 def _checked_model_config(cls: type, values: dict[str, Any], source: str):
