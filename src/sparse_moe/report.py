@@ -4,8 +4,10 @@
 
 writes ``learning_curves.png`` (training cross-entropy of every run, validation perplexity
 points), ``expert_load_<run>_moe<i>.png`` (each expert's share of the tokens over training,
-as a heatmap) and ``specialisation_<run>.md`` (which experts the most frequent tokens go to,
-the counterpart of the paper's Table 9).
+as a heatmap) and, for language-model runs with a checkpoint, ``specialisation_<run>.md``
+(which experts the most frequent tokens go to, the counterpart of the paper's Table 9) and,
+given ``--routing-text`` and ``--routing-labels``, ``routing_<run>.md`` and ``.png``: which
+experts each group of lines goes to (``report_routing.py``).
 """
 
 from __future__ import annotations
@@ -111,30 +113,24 @@ def plot_expert_load(run_dir: Path, out: Path) -> list[Path]:
     return paths
 
 
-def write_specialisation(run_dir: Path, out: Path) -> Path | None:
-    path = run_dir / "specialisation.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    lines = [f"# Expert specialisation: {run_dir.name}, MoE layer {data['layer']}, "
-             f"split {data['split']}", "",
-             "| token | assignments | top experts (share) |", "|---|---|---|"]
-    for row in data["tokens"]:
-        experts = ", ".join(f"{e} ({share:.0%})" for e, share in row["experts"])
-        token = row["token"].replace("|", "\\|") or "(empty)"
-        lines.append(f"| `{token}` | {row['assignments']:.0f} | {experts} |")
-    target = out / f"specialisation_{run_dir.name}.md"
-    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
-
-
-def make_report(run_dirs: list[Path], out: Path) -> list[Path]:
+def make_report(run_dirs: list[Path], out: Path, routing_text: Path | None = None,
+                routing_labels: Path | None = None) -> list[Path]:
     missing = [str(d) for d in run_dirs if not (d / "metrics").is_dir()]
     if missing:
         raise ReportError(f"{', '.join(missing)}: expected run directories written by "
                           "sparse-moe-train (with a metrics/ folder), found none there")
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: expected a directory for the report, found a file")
+    for flag, path in (("--routing-text", routing_text), ("--routing-labels", routing_labels)):
+        if path is not None and not path.is_file():
+            raise ReportError(f"{flag} {path}: expected a text file, found nothing there")
+    if routing_text is not None and routing_labels is not None:
+        from sparse_moe.report_routing import RoutingInputError, read_labelled_lines
+
+        try:
+            read_labelled_lines(routing_text, routing_labels)
+        except RoutingInputError as err:
+            raise ReportError(str(err)) from None
     for run_dir in run_dirs:  # read everything first: a bad file must not leave a half report
         for name in ("train_cross_entropy", "valid_perplexity"):
             read_csv_metric(run_dir, name)
@@ -143,10 +139,19 @@ def make_report(run_dirs: list[Path], out: Path) -> list[Path]:
     paths = [plot_learning_curves(run_dirs, out)]
     for run_dir in run_dirs:
         paths.extend(plot_expert_load(run_dir, out))
-        table = write_specialisation(run_dir, out)
-        if table:
-            paths.append(table)
+        if (run_dir / "checkpoints" / "latest").is_file():
+            paths.extend(routing_report(run_dir, out, routing_text, routing_labels))
     return paths
+
+
+def routing_report(run_dir: Path, out: Path, text: Path | None, labels: Path | None
+                   ) -> list[Path]:
+    from sparse_moe.report_routing import RoutingInputError, write_routing_report
+
+    try:
+        return write_routing_report(run_dir, out, text, labels)
+    except RoutingInputError as err:
+        raise ReportError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: <first run>/report)")
+    parser.add_argument("--routing-text", type=Path, default=None,
+                        help="lines to route through each run's first MoE layer")
+    parser.add_argument("--routing-labels", type=Path, default=None,
+                        help="one group label per line of --routing-text")
     args = parser.parse_args(argv)
+    if (args.routing_text is None) != (args.routing_labels is None):
+        parser.error("--routing-text and --routing-labels go together")
     try:
-        paths = make_report(args.runs, args.out or args.runs[0] / "report")
+        paths = make_report(args.runs, args.out or args.runs[0] / "report", args.routing_text,
+                            args.routing_labels)
     except ReportError as err:
         print(f"sparse-moe-report: {err}", file=sys.stderr)
         return 2
+    finally:
+        from sparse_moe.train.distributed import shut_down_distributed
+
+        shut_down_distributed()  # the routing tables loaded checkpoints into an engine
     for path in paths:
         print(path)
     return 0

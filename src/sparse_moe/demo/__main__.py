@@ -20,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from sparse_moe.demo.synthetic import SyntheticCorpusConfig, write_synthetic_corpus
+from sparse_moe.demo.synthetic import (
+    SyntheticCorpusConfig,
+    domain_labels,
+    write_synthetic_corpus,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -80,8 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                   args.overrides)
     from sparse_moe.report import make_report
 
-    plots = make_report([args.out / "moe", args.out / "dense"], args.out / "report")
+    valid = args.out / "text" / "valid.txt"
+    plots = make_report([args.out / "moe", args.out / "dense"], args.out / "report",
+                        routing_text=valid, routing_labels=domain_labels(valid))
     print_comparison(moe, dense, plots, time.time() - started)
+    routing = args.out / "report" / "routing_moe.md"
+    if routing.is_file():
+        print("\nwhere each domain's tokens go (first MoE layer, validation split):\n")
+        print(routing.read_text(encoding="utf-8").split("\n\n", 2)[-1])
     return 0
 
 

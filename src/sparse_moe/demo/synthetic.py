@@ -70,7 +70,8 @@ class Domain:
 
 def write_synthetic_corpus(directory: str | Path, config: SyntheticCorpusConfig | None = None
                            ) -> dict[str, Path]:
-    """Writes ``train.txt``, ``valid.txt`` and ``test.txt``; returns their paths."""
+    """Writes ``train.txt``, ``valid.txt`` and ``test.txt``, and beside each the domain of every
+    line (``<split>.domains.txt``); returns the text files' paths."""
     config = config or SyntheticCorpusConfig()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -82,9 +83,22 @@ def write_synthetic_corpus(directory: str | Path, config: SyntheticCorpusConfig 
     paths = {}
     for split, count in sizes.items():
         split_rng = np.random.default_rng([config.seed, len(paths)])
-        lines = [domains[split_rng.integers(len(domains))].sentence(
-            split_rng, int(split_rng.integers(low, high + 1))) for _ in range(count)]
+        lines, labels = [], []
+        for _ in range(count):
+            domain = int(split_rng.integers(len(domains)))
+            lines.append(domains[domain].sentence(split_rng, int(split_rng.integers(low, high + 1))))
+            labels.append(domain_name(domain))
         path = directory / f"{split}.txt"
         atomic_write(path, "\n".join(lines) + "\n")
+        atomic_write(domain_labels(path), "\n".join(labels) + "\n")
         paths[split] = path
     return paths
+
+
+def domain_name(index: int) -> str:
+    return f"domain {chr(ord('A') + index)}"
+
+
+def domain_labels(text: Path) -> Path:
+    """The file beside a split's text that names each line's domain (``valid.domains.txt``)."""
+    return text.with_name(f"{text.stem}.domains.txt")

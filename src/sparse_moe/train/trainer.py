@@ -278,7 +278,6 @@ class Trainer:
         final = self.evaluate()
         self._log(final)
         self.save()
-        self._write_specialisation()
         last_train = self.last_train
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
                    "train_loss": last_train.get("loss"), **self._peak_memory_over_ranks()}
@@ -384,40 +383,6 @@ class Trainer:
             with open(self.run_dir / "expert_load.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, "layers": counts}) + "\n")
 
-    @torch.no_grad()
-    def _write_specialisation(self, top_tokens: int = 24) -> None:
-        """Which experts of the first MoE layer the most frequent validation tokens go to.
-
-        Counts (token id, expert) assignments over the evaluation batches of every rank (each
-        rank routes its own tokens), and writes the most frequent tokens with their experts.
-        """
-        if not hasattr(self.task, "specialisation_batches"):
-            return
-        split = next((s for s in self.config.data.eval_splits if s in self.corpus.split_names),
-                     self.config.data.train_split)
-        table = None
-        self.engine.eval()
-        for inputs in self.task.specialisation_batches(split):
-            inputs = inputs.to(self.device)
-            outputs = self.engine(inputs).moe_outputs
-            if not outputs or outputs[0].routing is None:
-                break
-            routing = outputs[0].routing
-            if table is None:
-                table = torch.zeros(self.corpus.vocab_size, outputs[0].counts.numel(),
-                                    dtype=torch.float64)
-            token_ids = inputs.reshape(-1)[routing.token_idx].cpu()
-            table.index_put_((token_ids, routing.expert_idx.cpu()),
-                             torch.ones(token_ids.numel(), dtype=torch.float64), accumulate=True)
-        self.engine.train()
-        if table is None:
-            return
-        dist.all_reduce(table)
-        if self.rank == 0:
-            rows = specialisation_rows(table, top_tokens, self.tokenizer)
-            atomic_write(self.run_dir / "specialisation.json",
-                              json.dumps({"split": split, "layer": 0, "tokens": rows}, indent=1))
-
     def save(self) -> None:
         """A checkpoint of this step, visible through ``latest`` only once complete on every rank."""
         self.phase = f"saving the checkpoint of step {self.step}"
@@ -445,31 +410,6 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peaks["peak_device_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peaks
-
-
-def specialisation_rows(table: torch.Tensor, top_tokens: int, tokenizer) -> list[dict[str, Any]]:
-    """The ``top_tokens`` most routed token ids with their three most used experts."""
-    per_token = table.sum(dim=1)
-    rows = []
-    for token in per_token.argsort(descending=True)[:top_tokens].tolist():
-        total = float(per_token[token])
-        if total == 0:
-            break
-        shares = table[token] / total
-        experts = shares.argsort(descending=True)[:3].tolist()
-        rows.append({"token": token_text(tokenizer, token), "id": token, "assignments": total,
-                     "experts": [[e, round(float(shares[e]), 3)] for e in experts]})
-    return rows
-
-
-def token_text(tokenizer, token: int) -> str:
-    """The vocabulary entry itself (a SentencePiece piece such as '▁the', or a word)."""
-    if tokenizer is None:
-        return str(token)
-    processor = getattr(tokenizer, "processor", None)
-    if processor is not None:
-        return processor.id_to_piece(token)
-    return tokenizer.decode([token])
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
