@@ -359,6 +359,9 @@ CASES: list[Case] = [
     Case("generate-not-a-run", "checkpoints", "a directory that is not a run", GENERATE,
          ("nowhere", "--prompt", "The"), ("nowhere",), "expected a run directory",
          "found no directory", subprocess=True),
+    Case("init-from-not-an-export", "checkpoints", "run.init_from names a run, not an export",
+         TRAIN, (*TRAIN_ARGS, "run.init_from=run"), ("run.init_from", "run"),
+         "expected an export (model.safetensors and config.json", "found none", run_copy),
     # ------------------------------------------------------------ reports
     Case("report-not-a-run", "reports", "a directory without metrics", REPORT,
          ("corpus",), ("corpus",), "expected run directories written by sparse-moe-train",

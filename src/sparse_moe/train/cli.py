@@ -115,9 +115,10 @@ def check_inputs(config, source: str) -> None:
 def input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (shown as one line), not a bug (shown as a traceback)."""
     from sparse_moe.data import CorpusError, ShardFormatError, TokenizerError
+    from sparse_moe.train.export import ExportError
     from sparse_moe.train.preflight import CheckpointError
 
-    return CorpusError, ShardFormatError, TokenizerError, CheckpointError
+    return CorpusError, ShardFormatError, TokenizerError, CheckpointError, ExportError
 
 
 if __name__ == "__main__":

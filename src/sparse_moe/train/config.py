@@ -36,6 +36,8 @@ class RunConfig:
     save_every: int = 0  # 0: save at the end only
     keep_last: int = 2  # committed checkpoints kept (older ones are deleted)
     resume: bool = False  # continue from the latest checkpoint of run.dir
+    # start from an export's weights (sparse-moe-export; any layout); a resume takes precedence
+    init_from: str | None = None
     progress: bool = True  # a progress bar on rank 0
     # A collective waiting longer than this ends the run with an error (a dead or hung rank).
     collective_timeout_minutes: float = 30.0

@@ -57,6 +57,10 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     except ValueError as error:
         raise ConfigError(f"{source}: data.train_split {config.data.train_split!r} of "
                           f"{corpus.directory}: {error}") from None
+    if config.run.init_from:
+        from sparse_moe.train.export import check_export
+
+        check_export(Path(config.run.init_from), model)
     ds = build_ds_config(config, world_size, Path(config.run.dir))
     check_precision_supported(ds, config)
     if config.run.resume:

@@ -56,6 +56,7 @@ from sparse_moe.train.distributed import (
 )
 from sparse_moe.train.engine import build_engine
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
+from sparse_moe.train.export import load_export_into
 from sparse_moe.train.fault_injection import FaultHooks, FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
 from sparse_moe.train.step_metrics import StepMetrics, StepRecord
@@ -142,6 +143,8 @@ class Trainer:
         self.corpus = open_corpus(config.data.corpus, tokenizer=self.tokenizer)
         self.task = make_task(config, self.corpus, self.tokenizer, self.rank, self.world)
         self.model = build_rank_model(self.task, config, self.device)
+        if config.run.init_from:
+            load_export_into(self.model, Path(config.run.init_from))  # replaced by a resume
         self.dispatchers = expert_parallel_dispatchers(self.model)
         self.engine = self._initialize_engine()
         self.writer = RecordingWriter(self.engine.checkpoint_engine, self.faults)
