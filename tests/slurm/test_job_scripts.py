@@ -120,6 +120,58 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
     assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
 
 
+def _wait_for_state(job: Job, state: str, timeout: float = 120) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job.info()
+        if info.get("JobState") == state:
+            return info
+        if info.get("JobState") in FINISHED:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"job {job.job_id} never reached {state}: {job.info().get('JobState')}"
+                         f"\n{job.text()[-4000:]}")
+
+
+@pytest.mark.timeout(500)
+def test_a_preempted_two_node_run_continues_on_one_node_with_the_same_global_batch(
+        slurm, wt_corpus, tmp_path):
+    """A 2-node job loses a node (drained) and is preempted: it saves and requeues, and waits
+    for two nodes. It is cancelled and the run is submitted again on one node (``RESUME=1``,
+    the same ``RUN_DIR``). With ``deepspeed.gradient_accumulation_steps=auto`` the global batch
+    stays 16 sequences (8 x 1 x 2 processes, then 8 x 2 x 1), and the run resumes on the new
+    layout to the end."""
+    run_dir = tmp_path / "run"
+    extra = ["parallel.ep_size=1", "deepspeed.train_batch_size=16",
+             "deepspeed.gradient_accumulation_steps=auto"]
+    variables = _variables(wt_corpus, run_dir, STEPS, *extra)
+    first = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
+                   "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", **variables)
+    try:
+        _wait_for_step(first, run_dir, 2)
+        slurm.command("scontrol", "update", "nodename=smoenode2", "state=drain",
+                      "reason=elastic-test")
+        slurm.command("scancel", "--batch", "--signal=USR1", first.job_id)
+        _wait_for_state(first, "PENDING")  # requeued; two nodes are no longer there
+        slurm.command("scancel", first.job_id)
+        second = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=1",
+                        "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                        **variables, RESUME="1")
+        info = second.wait(timeout=300)
+    finally:
+        slurm.command("scontrol", "update", "nodename=smoenode2", "state=resume", check=False)
+    saved = json.loads((run_dir / "preempted.json").read_text())["step"] \
+        if (run_dir / "preempted.json").exists() else None
+    _assert_completed(second, info)
+    log = second.text()
+    assert "torchrun: 1 nodes x 1 processes" in log, log[-5000:]
+    assert re.search(r"at step \d+, re-split from 2 processes at ep_size=1", log), log[-5000:]
+    assert saved is None  # the finished run removed the marker
+    assert sorted(read_metric(run_dir, "train_loss")) == list(range(1, STEPS + 1))
+    assert json.loads((run_dir / "ds_config.json").read_text())[
+        "gradient_accumulation_steps"] == 2
+
+
 @pytest.mark.timeout(300)
 def test_sweep_array_writes_one_run_per_configuration(slurm, wt_corpus, tmp_path):
     sweep_file = tmp_path / "sweep.txt"

@@ -141,3 +141,18 @@ def test_model_preset_may_be_the_path_of_a_model_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.yaml\.layers\[0\]\.hidden_size: expected an "
                                           r"integer, found 'eight'"):
         base_model_config(str(bad))
+
+
+def test_auto_accumulation_keeps_the_global_batch_on_any_world(tmp_path):
+    config = load_train_config(None, ["data.corpus=c", "data.micro_batch_size=4",
+                                      "deepspeed.train_batch_size=32",
+                                      "deepspeed.gradient_accumulation_steps=auto"])
+    for world, accumulation in ((1, 8), (2, 4), (8, 1)):
+        ds = build_ds_config(config, world, tmp_path)
+        assert ds["gradient_accumulation_steps"] == accumulation
+        assert ds["train_batch_size"] == 32
+    with pytest.raises(ConfigError, match=r"train_batch_size \(32\) to be a multiple of "
+                                          r"data.micro_batch_size \(4\) x 3 processes = 12"):
+        build_ds_config(config, 3, tmp_path)
+    with pytest.raises(ConfigError, match="auto needs deepspeed.train_batch_size"):
+        load_train_config(None, ["data.corpus=c", "deepspeed.gradient_accumulation_steps=auto"])

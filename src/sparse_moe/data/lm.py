@@ -31,6 +31,9 @@ class LMBatch:
     epoch: int
     index: int                # batch number within the epoch on this rank
     reset_state: bool         # carry mode: the streams start afresh (first batch of an epoch)
+    # int64 [batch_size]: which sample each row is, the same whatever the layout that reads it
+    # (shuffled mode: epoch and segment; carry mode: None, rows are streams)
+    sample_ids: np.ndarray | None = None
 
     @property
     def inputs(self) -> np.ndarray:
@@ -120,7 +123,8 @@ class LMBatches:
             for b, segment in enumerate(segments):
                 start = int(segment) * self.seq_len
                 rows[b] = self.stream.slice(start, start + width)
-            batch = LMBatch(rows, self.epoch, self.position, False)
+            ids = self.epoch * self.num_segments + segments.astype(np.int64)
+            batch = LMBatch(rows, self.epoch, self.position, False, ids)
             self.consumed += self.global_batch
         return batch
 

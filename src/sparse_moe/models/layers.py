@@ -94,7 +94,9 @@ MoEFactory = Callable[[MoEConfig, int], nn.Module]
 
 def build_full_moe(config: MoEConfig, index: int) -> nn.Module:
     """Every expert in this process (the default ``MoEFactory``)."""
-    return build_moe(config)
+    moe = build_moe(config)
+    moe.noise_stream = index
+    return moe
 
 
 class MoELayer(nn.Module):

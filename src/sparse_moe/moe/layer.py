@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from sparse_moe.moe.config import MoEConfig
 from sparse_moe.moe.dispatcher import LocalDispatcher, TokenDispatcher, sort_by_expert, stable_argsort
 from sparse_moe.moe.experts import GroupedFFNExperts, group_offsets, grouped_matmul
+from sparse_moe.moe.noise import active_keys, token_noise
 from sparse_moe.moe.router import (
     NoisyTopKRouter,
     RouterOutput,
@@ -66,6 +67,12 @@ class _MoEBase(nn.Module):
             self.dispatcher.num_local_experts, config.d_model, config.d_hidden, config.d_out,
             config.expert_hidden_layers, config.expert_bias,
             first_expert=self.dispatcher.first_local_expert, init_seed=init_seed)
+        # which of the model's MoE layers this is: its keyed gating noise is its own
+        self.noise_stream = 0
+
+    def _stream(self, part: int) -> int:
+        """The keyed-noise stream of one of this layer's gates (``moe/noise.py``)."""
+        return 4 * self.noise_stream + part
 
     def set_dispatcher(self, dispatcher: TokenDispatcher) -> None:
         """Swaps the dispatcher (the expert-parallel wrapper does this after sharding)."""
@@ -141,6 +148,12 @@ class MoE(_MoEBase):
         return _rows(noise, num_tokens, (self.config.num_experts,), "noise")
 
     def _gate(self, flat: Tensor, noise: Tensor | None) -> RouterOutput:
+        if noise is None and self.training and self.config.noisy:
+            keys = active_keys(flat.shape[0])
+            if keys is not None:
+                rows = torch.arange(flat.shape[0], device=flat.device)
+                experts = torch.arange(self.config.num_experts, device=flat.device)
+                noise = token_noise(keys, self._stream(0), rows, experts).to(flat.device)
         return self.router.route(flat, noise)
 
 
@@ -179,12 +192,22 @@ class HierarchicalMoE(_MoEBase):
         cfg = self.config
         a, b = cfg.num_groups, cfg.experts_per_group
         primary_noise, secondary_noise = noise if noise is not None else (None, None)
+        keys = active_keys(flat.shape[0]) if noise is None and self.training and cfg.noisy \
+            else None
+        if keys is not None:
+            rows = torch.arange(flat.shape[0], device=flat.device)
+            primary_noise = token_noise(keys, self._stream(1), rows,
+                                        torch.arange(a, device=flat.device))
         first = self.primary.decide(flat, primary_noise)
         pairs = top_k_routing(first)  # (token, group, primary gate)
         order, tokens_per_group = sort_by_expert(pairs.expert_idx, a)
         token = pairs.token_idx.index_select(0, order)
         group = pairs.expert_idx.index_select(0, order)
-        second = self._secondary_decision(flat, token, group, tokens_per_group, secondary_noise)
+        if keys is not None:  # per (token, chosen group): the row's noise over its experts
+            columns = group.unsqueeze(1) * b + torch.arange(b, device=flat.device)
+            secondary_noise = token_noise(keys, self._stream(2), token, columns)
+        second = self._secondary_decision(flat, token, group, tokens_per_group, secondary_noise,
+                                          per_pair=keys is not None)
 
         k2 = cfg.k
         expert = (group.unsqueeze(1) * b + second.expert_idx).reshape(-1)
@@ -201,7 +224,10 @@ class HierarchicalMoE(_MoEBase):
                            load_reduced=True)
 
     def _secondary_decision(self, flat: Tensor, token: Tensor, group: Tensor,
-                            tokens_per_group: Tensor, noise: Tensor | None):
+                            tokens_per_group: Tensor, noise: Tensor | None,
+                            per_pair: bool = False):
+        """The gate of each chosen group over its experts; ``noise`` is ``[N, a, b]`` (one
+        row per token and group), or already one row per (token, group) pair (``per_pair``)."""
         dtype = gate_dtype(flat)
         x_pairs = flat.to(dtype).index_select(0, token)
         offsets = group_offsets(tokens_per_group)
@@ -210,7 +236,7 @@ class HierarchicalMoE(_MoEBase):
             clean, raw_std = gate_and_noise_logits(
                 x_pairs, self.w_gate.to(dtype), self.w_noise.to(dtype),
                 lambda rows, weight: grouped_matmul(rows, weight, offsets))
-            if noise is not None:
+            if noise is not None and not per_pair:
                 noise = noise[token, group]
         else:
             clean = grouped_matmul(x_pairs, self.w_gate.to(dtype), offsets)

@@ -132,6 +132,7 @@ def parallelize(model_config: ModelConfig, parallel: ExpertParallelConfig,
                                                   parallel.capacity_factor, parallel.min_capacity,
                                                   parallel.time_communication)
         layer = build_moe(config, dispatcher, init_seed=layer_seed(seed, index))
+        layer.noise_stream = index
         return DeepSpeedExpertParallelMoE(layer, groups)
 
     torch.manual_seed(seed)

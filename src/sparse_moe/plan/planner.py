@@ -73,7 +73,8 @@ def plan_run(config: TrainConfig, model: LMConfig | TranslationConfig, world: in
                             device="meta")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    regime = regime_of(build_ds_config(config, world, Path(config.run.dir)))
+    ds_config = build_ds_config(config, world, Path(config.run.dir))
+    regime = regime_of(ds_config)
     tensors = RankTensors.of(built, world, ep)
     parts = memory_parts(tensors, regime, config.optimizer.name, config.optimizer.beta1, world)
     layers = moe_configs(model)
@@ -107,9 +108,9 @@ def plan_run(config: TrainConfig, model: LMConfig | TranslationConfig, world: in
         peak_phase="training step" if step_total >= save_total else "checkpoint save",
         tokens_per_micro_batch=tokens,
         all_to_all_bytes_per_step=all_to_all_bytes(layers, tokens, ep, act_bytes)
-        * config.deepspeed.gradient_accumulation_steps,
+        * ds_config["gradient_accumulation_steps"],
         multiply_adds_per_step=training_multiply_adds(built, model, tokens)
-        * config.deepspeed.gradient_accumulation_steps,
+        * ds_config["gradient_accumulation_steps"],
         device_memory=device_memory,
         fits=None if device_memory is None else total <= device_memory,
         notes=plan_notes(regime, config))

@@ -38,6 +38,9 @@ class RunConfig:
     resume: bool = False  # continue from the latest checkpoint of run.dir
     # start from an export's weights (sparse-moe-export; any layout); a resume takes precedence
     init_from: str | None = None
+    # resuming on another layout: allow a global batch (micro x accumulation x world) other
+    # than the checkpoint's (the rest of the epoch is re-split over the new ranks)
+    allow_global_batch_change: bool = False
     progress: bool = True  # a progress bar on rank 0
     # A collective waiting longer than this ends the run with an error (a dead or hung rank).
     collective_timeout_minutes: float = 30.0
@@ -106,7 +109,9 @@ class DecodeConfig:
 @dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/cpu_fp32.json"  # the DeepSpeed JSON to start from (ds_configs/)
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    # micro-steps per optimizer step; auto: train_batch_size / (micro-batch x world), so that a
+    # job keeps its global batch on any number of processes (a requeue on other nodes)
+    gradient_accumulation_steps: int | str = 1
     train_batch_size: int | None = None  # checked against micro x accumulation x data-parallel
     gradient_clipping: float | None = None  # overrides the JSON when set
     precision: str | None = None  # overrides the JSON's bf16/fp16 sections when set
@@ -114,7 +119,13 @@ class DeepSpeedSection:
     wall_clock_breakdown: bool | None = None  # DeepSpeed's per-phase timers, when set
 
     def __post_init__(self) -> None:
-        _positive(self, "gradient_accumulation_steps")
+        if self.gradient_accumulation_steps == "auto":
+            if self.train_batch_size is None:
+                raise ConfigError("deepspeed.gradient_accumulation_steps: auto needs "
+                                  "deepspeed.train_batch_size (the global batch to keep); "
+                                  "found none")
+        else:
+            _positive(self, "gradient_accumulation_steps")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"deepspeed.precision: expected one of {PRECISIONS}, "
                               f"found {self.precision!r}")

@@ -16,6 +16,21 @@ from sparse_moe.config_io import ConfigError
 from sparse_moe.train.config import TrainConfig
 
 
+def accumulation_steps(config: TrainConfig, data_parallel_size: int) -> int:
+    """``deepspeed.gradient_accumulation_steps``, resolving ``auto`` from the global batch."""
+    section = config.deepspeed
+    if section.gradient_accumulation_steps != "auto":
+        return int(section.gradient_accumulation_steps)
+    per_step = config.data.micro_batch_size * data_parallel_size
+    if section.train_batch_size % per_step:
+        raise ConfigError(
+            f"deepspeed.gradient_accumulation_steps=auto: expected deepspeed.train_batch_size "
+            f"({section.train_batch_size}) to be a multiple of data.micro_batch_size "
+            f"({config.data.micro_batch_size}) x {data_parallel_size} processes = {per_step}; "
+            "choose a micro-batch that divides it")
+    return section.train_batch_size // per_step
+
+
 def load_ds_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -36,7 +51,8 @@ def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path)
     """The dict passed to ``deepspeed.initialize``."""
     section = config.deepspeed
     ds = load_ds_json(section.config)
-    micro, accumulation = config.data.micro_batch_size, section.gradient_accumulation_steps
+    micro = config.data.micro_batch_size
+    accumulation = accumulation_steps(config, data_parallel_size)
     expected = micro * accumulation * data_parallel_size
     for key, value in (("train_batch_size", ds.get("train_batch_size")),
                        ("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu")),

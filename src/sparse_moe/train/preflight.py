@@ -23,6 +23,7 @@ from sparse_moe.train.checkpoint_files import (
     expert_files,
     expert_parallel_optimizer_file,
     model_states_file,
+    zero_optimizer_file,
 )
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config, check_precision_supported
@@ -66,7 +67,8 @@ def check_run(config: TrainConfig, source: str, world_size: int) -> None:
     if config.run.resume:
         from sparse_moe.train.trainer import CHECKPOINT_DIR
 
-        check_checkpoint(Path(config.run.dir) / CHECKPOINT_DIR, None, config, model, resume=True)
+        check_checkpoint(Path(config.run.dir) / CHECKPOINT_DIR, None, config, model, resume=True,
+                         world_size=world_size)
 
 
 def checkpoint_tags(directory: Path) -> list[str]:
@@ -74,11 +76,12 @@ def checkpoint_tags(directory: Path) -> list[str]:
 
 
 def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
-                     model: LMConfig | TranslationConfig, resume: bool) -> str | None:
+                     model: LMConfig | TranslationConfig, resume: bool,
+                     world_size: int = 1) -> str | None:
     """The tag that will be loaded, after checking its files fit the model; None: none saved.
 
     ``resume`` also checks what resuming needs beyond the weights: the optimizer state of
-    every expert-parallel rank, which only loads into the same ``parallel.ep_size``.
+    every saved rank, and, on another layout, that it can be re-split (``relayout.py``).
     """
     tags = checkpoint_tags(directory)
     if tag is None:
@@ -98,7 +101,7 @@ def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
     _check_same_model(model_states_file(directory / tag), saved, config, model)
     _check_expert_files(directory, tag, saved)
     if resume:
-        _check_expert_layout(directory / tag, saved, config)
+        _check_optimizer_files(directory / tag, saved, config, world_size)
     return tag
 
 
@@ -209,22 +212,30 @@ def _check_expert_files(directory: Path, tag: str, saved: dict[str, Any]) -> Non
             f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
 
 
-def _check_expert_layout(folder: Path, saved: dict[str, Any], config: TrainConfig) -> None:
-    recorded = ((saved.get("config") or {}).get("parallel") or {}).get("ep_size")
-    if recorded is not None and recorded != config.parallel.ep_size:
-        raise CheckpointError(
-            f"{folder}: parallel.ep_size: expected {recorded} to resume (the checkpoint's "
-            f"optimizer state is split over {recorded} expert-parallel ranks), found "
-            f"{config.parallel.ep_size}; resume with parallel.ep_size={recorded}")
-    zero_stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
-    if saved.get("num_experts") and not zero_stage:  # ZeRO keeps optimizer state in its shards
-        expected = [expert_parallel_optimizer_file(folder, r)
-                    for r in range(config.parallel.ep_size)]
-        missing = [p.name for p in expected if not p.is_file()]
-        if missing:
-            raise CheckpointError(f"{folder}: expected the optimizer states of "
-                                  f"{len(expected)} expert-parallel rank(s), found "
-                                  f"{len(expected) - len(missing)}; missing {missing}")
+def _check_optimizer_files(folder: Path, saved: dict[str, Any], config: TrainConfig,
+                           world_size: int) -> None:
+    """The optimizer state files the saved layout wrote, and a layout it can resume on."""
+    from sparse_moe.train.relayout import check_resume, saved_layout
+
+    layout = saved_layout(saved)
+    try:
+        check_resume(layout, build_ds_config(config, world_size, Path(config.run.dir)),
+                     world_size, config.parallel.ep_size, config.run.allow_global_batch_change,
+                     folder)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    if not saved.get("num_experts"):
+        return
+    if layout.zero_stage:
+        expected = [zero_optimizer_file(folder, r, layout.bf16) for r in range(layout.world)]
+        what = f"ZeRO partitions of {layout.world} data-parallel rank(s)"
+    else:
+        expected = [expert_parallel_optimizer_file(folder, r) for r in range(layout.ep_size)]
+        what = f"optimizer states of {layout.ep_size} expert-parallel rank(s)"
+    missing = [p.name for p in expected if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: expected the {what}, found "
+                              f"{len(expected) - len(missing)}; missing {missing}")
 
 
 def world_size_from_environment() -> int:

@@ -7,8 +7,9 @@ checkpoints, tracking), so both tasks get the same resumption and parallelism.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, ContextManager, Iterator, Protocol
 
 import numpy as np
 import sacrebleu
@@ -29,6 +30,7 @@ from sparse_moe.models import (
     translation_preset,
 )
 from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
+from sparse_moe.moe.noise import keyed_noise
 from sparse_moe.train.config import TrainConfig
 
 IGNORE = -100
@@ -41,6 +43,8 @@ class Task(Protocol):
     def train_reader(self) -> Any: ...
 
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]: ...
+
+    def sample_noise(self, batch: Any) -> ContextManager[None]: ...
 
     def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]: ...
 
@@ -133,6 +137,14 @@ class LanguageModelTask:
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
         inputs = torch.from_numpy(batch.inputs).to(device)
         return (inputs,), torch.from_numpy(batch.targets).to(device)
+
+    def sample_noise(self, batch: Any) -> ContextManager[None]:
+        """Gating noise keyed by each row's sample, so that any layout routes it the same
+        (``moe/noise.py``); carry-mode streams have no sample ids and keep the rank's RNG."""
+        if batch.sample_ids is None:
+            return nullcontext()
+        return keyed_noise(self.config.run.seed, torch.from_numpy(batch.sample_ids),
+                           self.config.data.seq_len)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]:
@@ -248,6 +260,10 @@ class TranslationTask:
 
     def train_reader(self) -> TranslationBatches:
         return self.reader(self.config.data.train_split)
+
+    def sample_noise(self, batch: Any) -> ContextManager[None]:
+        """The rank's own RNG: padded pairs reach the MoE masked, so tokens have no fixed row."""
+        return nullcontext()
 
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
         """Source, ``BOS + target[:-1]``, and targets with padding ignored."""

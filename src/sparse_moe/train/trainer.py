@@ -59,6 +59,16 @@ from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, Trai
 from sparse_moe.train.export import load_export_into
 from sparse_moe.train.fault_injection import FaultHooks, FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
+from sparse_moe.train.relayout import (
+    check_resume,
+    layout_changed,
+    load_unwrapped_optimizer,
+    load_wrapped_optimizer,
+    read_saved_layout,
+    resize_schedule,
+    unwrapped_full_state,
+    zero_full_state,
+)
 from sparse_moe.train.step_metrics import StepMetrics, StepRecord
 from sparse_moe.train.tasks import IGNORE, make_task
 from sparse_moe.train.tracking import continue_metrics
@@ -182,7 +192,7 @@ class Trainer:
                               WANDB_SILENT="true")
 
     def _initialize_engine(self):
-        run = build_engine(self.model, self.config, self.world, self.run_dir)
+        run = self.run_engine = build_engine(self.model, self.config, self.world, self.run_dir)
         if self.rank == 0:
             atomic_write(self.run_dir / "ds_config.json", json.dumps(run.ds_config, indent=2))
         self.guard = run.guard
@@ -197,8 +207,20 @@ class Trainer:
             if self.rank == 0:
                 print(f"run.resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return
+        saved, _ = read_saved_layout(self.checkpoint_dir / tag)
+        check_resume(saved, self.run_engine.ds_config, self.world, self.config.parallel.ep_size,
+                     self.config.run.allow_global_batch_change, self.checkpoint_dir / tag)
+        relayout = layout_changed(saved, self.world, self.config.parallel.ep_size)
+        regrouped = relayout or (saved.micro_batch, saved.accumulation) != (
+            self.config.data.micro_batch_size,
+            self.run_engine.ds_config["gradient_accumulation_steps"])
         try:
-            path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+            if relayout:
+                path, client = self._load_on_new_layout(tag, saved)
+            else:
+                path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        except ConfigError:
+            raise
         except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
             if is_collective_failure(err):
                 raise
@@ -210,11 +232,40 @@ class Trainer:
             raise TrainingAborted(f"run.resume: {self.checkpoint_dir / 'latest'} names {tag}, but "
                                   f"{self.checkpoint_dir / tag} holds no loadable checkpoint")
         self.step = int(client["step"])
-        self.batches.load_state_dict(client["data"])
+        self.batches.load_state_dict(client["data"], resplit=regrouped)
         release_freed_host_memory()  # the loaded files' blocks, freed in pieces
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step} "
+            moved = (f", re-split from {saved.world} processes at ep_size={saved.ep_size}"
+                     if relayout else "")
+            print(f"resumed from {path} at step {self.step}{moved} "
                   f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', '0')})")
+
+    def _load_on_new_layout(self, tag: str, saved: Any) -> tuple[Any, dict[str, Any]]:
+        """The checkpoint of another layout: module through DeepSpeed, optimizer state
+        re-split from its files (``relayout.py``), then the schedule and the step counters."""
+        tag_dir = self.checkpoint_dir / tag
+        engine = self.engine
+        path, client = engine.load_checkpoint(str(self.checkpoint_dir), tag=tag,
+                                              load_module_only=True, load_optimizer_states=False,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            return None, {}
+        model_config = self.task.model_config()
+        if self.run_engine.optimizer_wrapped:
+            full, masters = zero_full_state(tag_dir, saved, model_config, self.config.parallel)
+            load_wrapped_optimizer(engine, engine.module, full, masters, int(client["step"]))
+        else:
+            full, groups = unwrapped_full_state(tag_dir, saved, model_config,
+                                                self.config.parallel)
+            load_unwrapped_optimizer(self.run_engine.optimizer, engine.module, full, groups)
+        groups = len(self.run_engine.optimizer.param_groups)
+        engine.lr_scheduler.load_state_dict(resize_schedule(client["lr_scheduler"], groups))
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr  # the rate of the next step, which the scheduler set before saving
+        engine.global_steps = client["global_steps"]
+        engine.global_samples = client.get("global_samples", 0)
+        engine.skipped_steps = client["skipped_steps"]
+        return path, client
 
     # ------------------------------------------------------------------ training
     def _forever(self) -> Iterator[Any]:
@@ -324,11 +375,12 @@ class Trainer:
             batch = next(batches)
             torch.manual_seed(step_seed(self.config.run.seed, self.step, micro, self.rank))
             inputs, targets = self.task.model_inputs(batch, self.device)
-            output = engine(*inputs)
-            parts = compose_loss(output, targets, ignore_index=IGNORE)
-            loss = self.faults.loss(parts.total, self.step + 1)
-            self.guard.note_loss(loss)
-            engine.backward(loss)
+            with self.task.sample_noise(batch):  # forward, and its recomputation in backward
+                output = engine(*inputs)
+                parts = compose_loss(output, targets, ignore_index=IGNORE)
+                loss = self.faults.loss(parts.total, self.step + 1)
+                self.guard.note_loss(loss)
+                engine.backward(loss)
             engine.step()
             scalars = parts.scalars()
             if loss is not parts.total:
