@@ -136,3 +136,49 @@ def test_state_at_the_new_layout_equals_the_saved_state_bit_for_bit(wt_corpus, s
         assert moved["global_steps"] == counters["global_steps"]
         assert moved["lr"][0] == counters["lr"][0]
         assert moved["data"]["consumed"] == counters["data"]["consumed"]
+
+
+@pytest.mark.timeout(400)
+def test_a_resume_on_a_new_layout_killed_at_any_moment_leaves_the_checkpoint_as_it_was(
+        wt_corpus, saved_runs, tmp_path, request):
+    """The re-split happens in memory: nothing under checkpoints/ is written until the resumed
+    run saves. kill -9 while it loads or trains, and the checkpoint still resumes exactly."""
+    import hashlib
+    import os
+    import random
+    import signal
+    import sys
+    import time
+
+    seed = int(os.environ.get("SPARSE_MOE_FAULT_TEST_SEED", time.time_ns() % 2**32))
+    print(f"{request.node.name}: seed {seed}")
+    rng = random.Random(seed)
+    root = saved_runs["debug-moe-h", "zero1"]
+    run_dir = _copy(root / "saved", tmp_path / "resumed")
+
+    def digests() -> dict[str, str]:
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((run_dir / "checkpoints").rglob("*")) if p.is_file()}
+
+    before = digests()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+               "--master-port", str(_free_port()), "-m", "sparse_moe.train",
+               *_overrides(wt_corpus, run_dir, "debug-moe-h", "zero1", 4, 2,
+                           "run.steps=100000", "run.resume=true")]  # never reaches a save
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(rng.uniform(2.0, 8.0))  # start-up, the re-split, or the first steps
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() \
+        if proc.poll() is None else []
+    for pid in [*map(int, children), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert digests() == before
+    run_training(_overrides(wt_corpus, run_dir, "debug-moe-h", "zero1", 2, 4,
+                            f"run.steps={STEPS}", "run.resume=true"), nproc=2)
+    want, got = read_metric(root / "straight", "train_loss"), read_metric(run_dir, "train_loss")
+    assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
