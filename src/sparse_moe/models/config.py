@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from sparse_moe.config_io import from_dict
+from sparse_moe.models.softmax import SoftmaxConfig
 from sparse_moe.moe import MoEConfig
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
@@ -70,7 +71,8 @@ class LMConfig:
     ``dropout`` applies to the embedding and every layer's output (not the softmax);
     ``residual`` adds each layer's input to its output where the sizes match.
     ``moe_overrides`` holds MoEConfig fields that replace every MoE layer's own (an ablation
-    of a preset: ``model.overrides.moe_overrides.w_load=0``).
+    of a preset: ``model.overrides.moe_overrides.w_load=0``). ``softmax`` chooses the exact
+    or the sampled softmax for training (``model.overrides.softmax.kind=sampled``).
     """
 
     vocab_size: int  # set from the corpus by the trainer
@@ -82,8 +84,11 @@ class LMConfig:
     activation_checkpointing: bool = False  # set from model.activation_checkpointing
     pad_id: int | None = None  # positions with this id are not routed (None: every position)
     moe_overrides: dict[str, Any] = field(default_factory=dict)  # MoEConfig fields, all layers
+    softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)  # full or sampled (training)
 
     def __post_init__(self) -> None:
+        if isinstance(self.softmax, Mapping):
+            self.softmax = SoftmaxConfig.from_dict(self.softmax, "LMConfig.softmax")
         self.layers = [_layer(layer, f"LMConfig.layers[{i}]")
                        for i, layer in enumerate(self.layers)]
         _require(isinstance(self.moe_overrides, Mapping), "LMConfig.moe_overrides",

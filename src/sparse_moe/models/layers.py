@@ -27,6 +27,9 @@ class ModelOutput(NamedTuple):
     ``aux_loss`` is the sum of the MoE layers' weighted balancing losses (add it to the
     cross-entropy); ``moe_outputs`` are the per-layer results, so a trainer can log
     importance, load and counts per layer; ``state`` is the recurrent state to carry on.
+    A language model given its targets returns ``token_nll`` (per position, 0 where not
+    counted) and no logits, so that no ``[tokens, vocab]`` tensor need exist
+    (``models/softmax.py``).
 
     A named tuple, because DeepSpeed's engine finds the output tensors to hook its backward
     prologue on (timers, ZeRO's backward set-up) by walking tuples, lists and dicts only; with
@@ -34,10 +37,11 @@ class ModelOutput(NamedTuple):
     timer.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     aux_loss: Tensor
     moe_outputs: list[MoEOutput]
     state: Any = None
+    token_nll: Tensor | None = None
 
 
 def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:

@@ -26,6 +26,7 @@ from sparse_moe.models.layers import (
     maybe_checkpoint,
     sum_aux_losses,
 )
+from sparse_moe.models.softmax import token_nll
 
 LM_MOE_DEFAULTS = {"output_sigmoid": True}
 
@@ -51,7 +52,9 @@ class MoELSTMLanguageModel(nn.Module):
     names a ``pad_id``, else every position counts) and returns a
     ``ModelOutput`` with ``[B, T, vocab]`` logits, the summed balancing loss, the per-layer
     ``MoEOutput`` list and the new recurrent state (one ``(h, c)`` per LSTM layer, ``None``
-    for other layers), so text can be generated one step at a time.
+    for other layers), so text can be generated one step at a time. Given ``targets``
+    (``[B, T]``, -100 where not counted) it returns their negative log-likelihood instead of
+    logits: sampled in training with ``softmax.kind: sampled``, exact otherwise.
 
     ``moe_factory`` builds each MoE layer's MoE (see ``MoEFactory``; all experts by default).
     """
@@ -91,7 +94,7 @@ class MoELSTMLanguageModel(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, MoELayer)]
 
     def forward(self, tokens: Tensor, state: list[Any] | None = None,
-                mask: Tensor | None = None) -> ModelOutput:
+                mask: Tensor | None = None, targets: Tensor | None = None) -> ModelOutput:
         if tokens.dim() != 2:
             raise ValueError(f"MoELSTMLanguageModel: expected token ids of shape [batch, time], "
                              f"found shape {tuple(tokens.shape)}")
@@ -116,8 +119,12 @@ class MoELSTMLanguageModel(nn.Module):
             else:
                 h = maybe_checkpoint(checkpointing, layer, h)
                 new_state.append(None)
-        logits = self.output(h)
-        return ModelOutput(logits, sum_aux_losses(moe_outputs, logits), moe_outputs, new_state)
+        aux = sum_aux_losses(moe_outputs, h)
+        if targets is None:
+            return ModelOutput(self.output(h), aux, moe_outputs, new_state)
+        nll = token_nll(h, self.output.weight, self.output.bias, targets, self.config.softmax,
+                        self.training)
+        return ModelOutput(None, aux, moe_outputs, new_state, nll)
 
     @staticmethod
     def detach_state(state: list[Any] | None) -> list[Any] | None:

@@ -34,16 +34,12 @@ def compose_loss(output: ModelOutput, targets: Tensor, ignore_index: int = -100)
     """``cross_entropy(logits, targets) + sum of the MoE layers' aux losses``.
 
     ``targets`` has the logits' leading shape; positions equal to ``ignore_index`` (padding)
-    do not count. The cross-entropy is computed in fp32 whatever the logits' dtype.
+    do not count. The cross-entropy is computed in fp32 whatever the logits' dtype. An
+    output without logits carries its per-position ``token_nll`` (the model was given the
+    targets, ``models/softmax.py``); its counted positions are averaged.
     """
-    logits = output.logits
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"compose_loss: expected targets of shape {tuple(logits.shape[:-1])} "
-                         f"(the logits' leading shape), found {tuple(targets.shape)}")
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_targets = targets.reshape(-1)
-    ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index)
-    num_tokens = (flat_targets != ignore_index).sum()
+    num_tokens = (targets != ignore_index).sum()
+    ce = _mean_cross_entropy(output, targets, ignore_index, num_tokens)
     aux = output.aux_loss.float()
     per_layer = {}
     for i, out in enumerate(output.moe_outputs):
@@ -51,6 +47,22 @@ def compose_loss(output: ModelOutput, targets: Tensor, ignore_index: int = -100)
         per_layer[f"moe{i}/load_loss"] = out.load_loss.detach()
         per_layer[f"moe{i}/threshold_loss"] = out.threshold_loss.detach()
     return LossParts(ce + aux, ce, aux, num_tokens, per_layer)
+
+
+def _mean_cross_entropy(output: ModelOutput, targets: Tensor, ignore_index: int,
+                        num_tokens: Tensor) -> Tensor:
+    if output.logits is None:
+        if output.token_nll is None or output.token_nll.shape != targets.shape:
+            found = None if output.token_nll is None else tuple(output.token_nll.shape)
+            raise ValueError(f"compose_loss: expected the output's token_nll of shape "
+                             f"{tuple(targets.shape)} (the targets'), found {found}")
+        return output.token_nll.float().sum() / num_tokens.clamp(min=1)
+    logits = output.logits
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"compose_loss: expected targets of shape {tuple(logits.shape[:-1])} "
+                         f"(the logits' leading shape), found {tuple(targets.shape)}")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=ignore_index)
 
 
 def perplexity(mean_cross_entropy: float) -> float:

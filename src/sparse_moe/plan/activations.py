@@ -6,9 +6,9 @@ its gating logits and load estimator (about five per expert of the gates a token
 for every expert a token uses its input row, hidden row and output rows (plus the rows the
 all-to-all receives when the experts are spread); the softmax its logits, their fp32 copy,
 the log-probabilities and, during backward, their gradient (``N x vocab`` each, which is why
-the paper trained with a sampled softmax). Dropout masks and residual sums add a few ``d``
-per token. With activation checkpointing every layer keeps only its input; its own
-activations exist again while it is recomputed, one layer at a time.
+the paper trained with a sampled softmax; with ``softmax.kind: sampled``, ``N x candidates``).
+Dropout masks and residual sums add a few ``d`` per token. With activation checkpointing
+every layer keeps only its input; its own activations exist again while it is recomputed, one layer at a time.
 
 This is an estimate (autograd's exact set of saved tensors differs by kernel and device);
 ``docs/benchmarks.md`` compares it with measured peaks.
@@ -80,7 +80,27 @@ def lm_activations(config: LMConfig, moe_configs: list[MoEConfig], tokens: int,
             out = width
         width = out
     embedding = tokens * d * (b + MASK_BYTES)
-    return _combine(layers, embedding, softmax_bytes(tokens, width, config.vocab_size, b))
+    return _combine(layers, embedding, lm_softmax_bytes(config, tokens, width, b))
+
+
+def lm_softmax_bytes(config: LMConfig, tokens: int, d_in: int, b: int) -> int:
+    """The training softmax: over the vocabulary, or (sampled) over the target and the shared
+    candidates, with the gathered candidate and target rows of the softmax matrix and the
+    accidental-hit mask."""
+    samples = sampled_columns(config)
+    if samples is None:
+        return softmax_bytes(tokens, d_in, config.vocab_size, b)
+    gathered = (samples + tokens) * d_in * b
+    return softmax_bytes(tokens, d_in, samples + 1, b) + gathered + tokens * samples * MASK_BYTES
+
+
+def sampled_columns(config: LMConfig | TranslationConfig) -> int | None:
+    """The candidates a sampled softmax scores per micro-batch (at most ``num_samples``
+    distinct words), or None for the exact softmax."""
+    softmax = getattr(config, "softmax", None)
+    if softmax is None or softmax.kind != "sampled" or softmax.num_samples >= config.vocab_size:
+        return None
+    return softmax.num_samples
 
 
 def translation_activations(config: TranslationConfig, moe: MoEConfig, tokens: int,

@@ -23,6 +23,7 @@ from sparse_moe.config_io import ConfigError, check_field_types
 from sparse_moe.data import Corpus, LMBatches, TranslationBatches
 from sparse_moe.models import (
     LMConfig,
+    ModelOutput,
     TranslationConfig,
     beam_search,
     lm_preset,
@@ -45,6 +46,8 @@ class Task(Protocol):
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]: ...
 
     def sample_noise(self, batch: Any) -> ContextManager[None]: ...
+
+    def forward(self, engine: Any, inputs: tuple[Tensor, ...], targets: Tensor) -> ModelOutput: ...
 
     def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]: ...
 
@@ -138,6 +141,11 @@ class LanguageModelTask:
         inputs = torch.from_numpy(batch.inputs).to(device)
         return (inputs,), torch.from_numpy(batch.targets).to(device)
 
+    def forward(self, engine: Any, inputs: tuple[Tensor, ...], targets: Tensor) -> ModelOutput:
+        """The model scores its own targets: the softmax it trains with may be sampled, and
+        no ``[tokens, vocab]`` logits need exist (``models/softmax.py``)."""
+        return engine(*inputs, targets=targets)
+
     def sample_noise(self, batch: Any) -> ContextManager[None]:
         """Gating noise keyed by each row's sample, so that any layout routes it the same
         (``moe/noise.py``); carry-mode streams have no sample ids and keep the rank's RNG."""
@@ -189,8 +197,10 @@ class LanguageModelTask:
     def _nll(self, engine: Any, split: str, device: torch.device) -> tuple[float, float]:
         totals = torch.zeros(2, dtype=torch.float64)
         for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
-            (inputs,), targets = self.model_inputs(batch, device)
-            totals += _summed_nll(engine(inputs).logits, targets)
+            inputs, targets = self.model_inputs(batch, device)
+            nll = self.forward(engine, inputs, targets).token_nll
+            totals += torch.tensor([float(nll.double().sum()), float((targets != IGNORE).sum())],
+                                   dtype=torch.float64)
         dist.all_reduce(totals)
         return float(totals[0]), float(totals[1])
 
@@ -272,6 +282,9 @@ class TranslationTask:
         bos = torch.full_like(target[:, :1], self.bos_id)
         target_in = torch.cat([bos, target[:, :-1]], dim=1)
         return (source, target_in), target.masked_fill(target == self.corpus.pad_id, IGNORE)
+
+    def forward(self, engine: Any, inputs: tuple[Tensor, ...], targets: Tensor) -> ModelOutput:
+        return engine(*inputs)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]:

@@ -376,7 +376,7 @@ class Trainer:
             torch.manual_seed(step_seed(self.config.run.seed, self.step, micro, self.rank))
             inputs, targets = self.task.model_inputs(batch, self.device)
             with self.task.sample_noise(batch):  # forward, and its recomputation in backward
-                output = engine(*inputs)
+                output = self.task.forward(engine, inputs, targets)
                 parts = compose_loss(output, targets, ignore_index=IGNORE)
                 loss = self.faults.loss(parts.total, self.step + 1)
                 self.guard.note_loss(loss)
