@@ -5,7 +5,8 @@ GPUs: the tables of ``docs/scaling.md``, made by ``sparse-moe-plan``'s own code.
     python benchmarks/paper_plans.py --write         # and rewrite docs/scaling.md's tables
 
 Each model at the paper's GPU count and expert-parallel layout (``paper_layout``), the
-1B-word vocabulary (793,471 words, full softmax), ``--tokens`` tokens a GPU per micro-batch.
+1B-word vocabulary (793,471 words; full softmax, and in one table the sampled softmax of 8192
+draws), ``--tokens`` tokens a GPU per micro-batch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ REGIMES = {  # name -> (device memory, overrides)
     "K40 12 GB, fp32": (K40, ["deepspeed.config=ds_configs/cpu_fp32.json"]),
     "80 GB, fp32": (H100, ["deepspeed.config=ds_configs/cpu_fp32.json"]),
     "80 GB, zero1_bf16": (H100, ["deepspeed.config=ds_configs/zero1_bf16.json"]),
+    "K40 12 GB, fp32, sampled softmax": (K40, ["deepspeed.config=ds_configs/cpu_fp32.json",
+                                               "model.overrides.softmax.kind=sampled",
+                                               "model.overrides.softmax.num_samples=8192"]),
 }
 
 

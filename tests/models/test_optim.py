@@ -70,11 +70,12 @@ def test_factored_estimate_is_exact_for_rank1_and_approximate_otherwise():
     torch.testing.assert_close(est.sum(-2), full_rank.sum(-2))
 
 
-@pytest.mark.parametrize("chunk", [1 << 20, 40])  # all 3 matrices at once; 2, then 1
+# All 3 matrices at once; 2, then 1; each matrix by blocks of 2 rows (5 x 4 > 8), the last short.
+@pytest.mark.parametrize("chunk", [1 << 20, 40, 8])
 def test_factored_update_on_full_rank_gradients_matches_the_formula(chunk, monkeypatch):
     """Full-rank squares (where the estimate is not Adam's), in fp32 and for a bf16 parameter:
     the step equals ``-lr g / (sqrt(R C^T / sum R / (1 - beta2^t)) + eps)`` written out,
-    whether the stacked matrices are updated together or in chunks."""
+    whether the stacked matrices are updated together, in chunks, or by blocks of rows."""
     monkeypatch.setattr(factored_adam, "FACTORED_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):

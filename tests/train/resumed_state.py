@@ -2,8 +2,9 @@
 
 Writes ``<out>/rank<r>.pt``: for every parameter, its name, its block of global experts (or
 none), the parameter itself and its optimizer state as the live objects hold it: the client
-optimizer's state when DeepSpeed left it unwrapped, otherwise the fp32 master and moments
-read back through DeepSpeed's public ``safe_get_full_*`` API. Trains nothing.
+optimizer's state when DeepSpeed left it unwrapped, otherwise the fp32 master read back
+through DeepSpeed's public ``safe_get_full_*`` API and the moments through it or, for
+FactoredAdam's factored partitions, ``FactoredAdam.full_moments``. Trains nothing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def main(out: str, overrides: list[str]) -> None:
     state = {}
     for name, param in model.named_parameters():
         if run.optimizer_wrapped:
+            factored = getattr(run.optimizer, "full_moments", lambda _: None)(name)
             held = {"fp32": safe_get_full_fp32_param(param),
-                    "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}
+                    **(factored or {"exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")})}
         else:
             held = {k: v for k, v in run.optimizer.state[param].items() if torch.is_tensor(v)}
         state[name] = {"block": blocks.get(name), "param": param.detach().clone(),

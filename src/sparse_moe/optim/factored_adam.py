@@ -9,9 +9,11 @@ the update is Adam's. Memory per matrix is ``rows + cols`` numbers instead of
 ``2 rows cols`` for Adam. Vectors and scalars keep Adam's ordinary second moment. With
 ``beta1 = 0`` (the paper's setting) the update uses the current gradient directly.
 
-Note: DeepSpeed's ZeRO stages and its fp16/bf16 optimizer wrappers hand the client
-optimizer flat 1-D partitions instead of the parameters' shapes; there every tensor is a
-vector and the second moment is unfactored (correct, but without the memory saving).
+DeepSpeed's ZeRO-1/2 (and its bf16 optimizer) hand the client optimizer flat 1-D partitions
+instead of the parameters' shapes. Given their layouts (``attach_partitions``, which the
+parallel layer calls with what DeepSpeed records of each fragment) the moments stay factored
+there too (``optim/partitions.py``); a flat partition without a layout keeps a full second
+moment (correct, without the memory saving).
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from sparse_moe.optim.partitions import (
+    FACTORED_KEY,
+    PartitionLayout,
+    apply_factored,
+    full_moments,
+    init_partition_state,
+    load_full_moments,
+    state_on,
+    summed_squares,
+    update_averages,
+    vector_fragments,
+)
 
 
 class FactoredAdam(Optimizer):
@@ -46,6 +61,44 @@ class FactoredAdam(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         factored=factored)
         super().__init__(params, defaults)
+        self.partition_layouts: dict[Tensor, PartitionLayout] = {}
+
+    def attach_partitions(self, layouts: dict[Tensor, PartitionLayout]) -> None:
+        """Declares what each flat partition holds, so its matrices keep factored moments.
+
+        Called before the partitions have state (a state of the flat form would be lost);
+        their state is then created in the factored form of ``optim/partitions.py``.
+        """
+        own = {p for g in self.param_groups for p in g["params"]}
+        for flat in layouts:
+            if flat not in own:
+                raise ValueError("FactoredAdam.attach_partitions: a layout for a tensor that is "
+                                 "not one of this optimizer's parameters")
+            if self.state.get(flat) and FACTORED_KEY not in self.state[flat]:
+                raise ValueError("FactoredAdam.attach_partitions: the partition already has an "
+                                 "unfactored state; attach layouts before the first step")
+        self.partition_layouts.update(layouts)
+
+    def load_full_moments(self, name: str, full: dict[str, Tensor]) -> None:
+        """Sets a parameter's moments in every attached partition that holds them, from their
+        whole-parameter form (re-splitting a checkpoint onto another layout)."""
+        self.initialize_state()
+        for flat, layout in self.partition_layouts.items():
+            if name in layout.matrices or any(f.name == name for f in layout.fragments):
+                moments = self.state[flat][FACTORED_KEY]
+                load_full_moments(layout, moments, name,
+                                  {k: v.to(flat.device, state_dtype(flat)) for k, v in full.items()})
+
+    def full_moments(self, name: str) -> dict[str, Tensor] | None:
+        """A parameter's moments in their whole-parameter form, from the attached partitions
+        (a collective for vectors: every rank of its group asks); None if none holds it."""
+        for flat, layout in self.partition_layouts.items():
+            if name in layout.matrices or name in layout.vectors:
+                self.initialize_state()
+                moments = self.state[flat][FACTORED_KEY] = state_on(
+                    self.state[flat][FACTORED_KEY], flat.device)
+                return full_moments(layout, moments, name, flat.new_empty(0, dtype=state_dtype(flat)))
+        return None
 
     def initialize_state(self) -> None:
         """Allocates every parameter's state now instead of at its first step.
@@ -107,17 +160,56 @@ class FactoredAdam(Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         if p.numel() == 0:
             return
-        if self.is_factored(p, group):
+        layout = self.partition_layouts.get(p)
+        if layout is not None:
+            self._update_partition(p, grad, direction, state, layout, group, second_correction,
+                                   step_size)
+        elif self.is_factored(p, group):
+            step = (_factored_step_by_rows if _is_large_matrix(p, grad, direction)
+                    else _factored_step)
             for chunk in _matrix_chunks(p, grad, direction, state["row"], state["col"]):
-                _factored_step(*chunk, beta2, second_correction, group["eps"], step_size)
+                step(*chunk, beta2, second_correction, group["eps"], step_size)
         else:
             for chunk in _flat_chunks(p, grad, direction, state["exp_avg_sq"]):
                 _unfactored_step(*chunk, beta2, second_correction, group["eps"], step_size)
 
+    def _update_partition(self, p: Tensor, grad: Tensor, direction: Tensor, state: dict[str, Any],
+                          layout: PartitionLayout, group: dict[str, Any], correction: float,
+                          step_size: float) -> None:
+        """One step of a flat partition: factored matrices (the ranks sum their squares), and
+        Adam's moment for the vectors' elements held here."""
+        beta2, eps = group["betas"][1], group["eps"]
+        moments = state[FACTORED_KEY] = state_on(state[FACTORED_KEY], p.device)
+        if "exp_avg_sq" in state:  # a checkpoint of the unfactored form: its sums, exactly
+            self._factor_flat_moment(state, layout)
+        sums = summed_squares(layout, grad, FACTORED_CHUNK_ELEMENTS)
+        update_averages(layout, moments, sums, beta2)
+        apply_factored(layout, moments, p, direction, correction, eps, step_size,
+                       FACTORED_CHUNK_ELEMENTS, _apply_update)
+        for fragment in vector_fragments(layout):
+            w = fragment.window
+            for chunk in _flat_chunks(p[w], grad[w], direction[w],
+                                      moments["exp_avg_sq"][fragment.name]):
+                _unfactored_step(*chunk, beta2, correction, eps, step_size)
+
+    @staticmethod
+    def _factor_flat_moment(state: dict[str, Any], layout: PartitionLayout) -> None:
+        """Row and column sums of a full second moment are the factored averages (both are
+        running averages of the squares' sums), so an unfactored state converts exactly."""
+        flat = state.pop("exp_avg_sq")
+        moments = state[FACTORED_KEY]
+        sums = summed_squares(layout, flat, FACTORED_CHUNK_ELEMENTS, squared=True)
+        update_averages(layout, moments, sums, beta2=0.0)
+        for fragment in vector_fragments(layout):
+            moments["exp_avg_sq"][fragment.name].copy_(flat[fragment.window])
+
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
         dtype = state_dtype(p)
-        if self.is_factored(p, group):
+        layout = self.partition_layouts.get(p)
+        if layout is not None:
+            state[FACTORED_KEY] = init_partition_state(layout, p.device, dtype)
+        elif self.is_factored(p, group):
             state["row"] = torch.zeros(p.shape[:-1], dtype=dtype, device=p.device)
             state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=dtype,
                                        device=p.device)
@@ -204,6 +296,40 @@ def _factored_step(p: Tensor, grad: Tensor, direction: Tensor, row: Tensor, col:
     _apply_update(p, direction, factored_root(row, col, correction, eps), step_size)
 
 
+def _is_large_matrix(p: Tensor, grad: Tensor, direction: Tensor) -> bool:
+    """A single matrix larger than a chunk (an embedding or softmax over a word vocabulary)."""
+    return (p.shape[-2] * p.shape[-1] > FACTORED_CHUNK_ELEMENTS
+            and all(t.is_contiguous() for t in (p, grad, direction)))
+
+
+def _factored_step_by_rows(p: Tensor, grad: Tensor, direction: Tensor, row: Tensor, col: Tensor,
+                           beta2: float, correction: float, eps: float, step_size: float) -> None:
+    """``_factored_step`` over blocks of rows of each matrix, in two passes.
+
+    A 793,471 x 512 softmax matrix's squared gradient and root would each be a temporary as
+    large as the matrix (1.6 GB in fp32); by blocks of rows they stay a chunk's size. The first
+    pass sums the squares (columns accumulate over the blocks), the second applies the update
+    once the new column averages are known.
+    """
+    block = max(1, FACTORED_CHUNK_ELEMENTS // p.shape[-1])
+    for m in range(p.shape[0]):
+        row_sums, col_sums = torch.empty_like(row[m]), torch.zeros_like(col[m])
+        for start in range(0, p.shape[1], block):
+            grad_sq = grad[m, start:start + block].square()
+            row_sums[start:start + block] = grad_sq.sum(dim=-1)
+            col_sums += grad_sq.sum(dim=-2)
+        row[m].mul_(beta2).add_(row_sums, alpha=1 - beta2)
+        col[m].mul_(beta2).add_(col_sums, alpha=1 - beta2)
+        total = row[m].sum().clamp_min(torch.finfo(row.dtype).tiny)
+        col_root = col[m].sqrt()
+        for start in range(0, p.shape[1], block):
+            row_root = (row[m, start:start + block] / (total * correction)).sqrt_()
+            denom = torch.addcmul(row.new_tensor(eps), row_root.unsqueeze(-1),
+                                  col_root.unsqueeze(-2))
+            _apply_update(p[m, start:start + block], direction[m, start:start + block], denom,
+                          step_size)
+
+
 def _apply_update(p: Tensor, direction: Tensor, denom: Tensor, step_size: float) -> None:
     if p.dtype == direction.dtype:
         p.addcdiv_(direction, denom, value=-step_size)
@@ -212,6 +338,14 @@ def _apply_update(p: Tensor, direction: Tensor, denom: Tensor, step_size: float)
 
 
 def optimizer_state_numel(optimizer: Optimizer) -> int:
-    """Numbers held in the optimizer's state tensors (for memory accounting)."""
-    return sum(v.numel() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, Tensor))
+    """Numbers held in the optimizer's state tensors (for memory accounting), the nested
+    state of flat partitions included."""
+    return sum(_numel(v) for s in optimizer.state.values() for v in s.values())
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel()
+    if isinstance(value, dict):
+        return sum(_numel(v) for v in value.values())
+    return 0

@@ -18,6 +18,7 @@ from sparse_moe.parallel.comm import CommTimer, all_to_all_rows
 from sparse_moe.parallel.config import ExpertParallelConfig
 from sparse_moe.parallel.deepspeed_integration import (
                                                        DeepSpeedExpertParallelMoE,
+                                                       factor_flat_partitions,
                                                        mark_expert_parameters,
                                                        moe_param_groups,
                                                        skip_allreduce_without_replicas,
@@ -47,6 +48,7 @@ __all__ = [
     "ExpertParallelConfig", "ExpertParallelGroups", "create_expert_parallel_groups",
     "expert_group_name", "ExpertParallelDispatcher", "source_major_to_expert_major",
     "CommTimer", "all_to_all_rows", "DeepSpeedExpertParallelMoE", "mark_expert_parameters",
+    "factor_flat_partitions",
     "moe_param_groups", "RoutingMetrics", "routing_metrics", "build_expert_parallel_moe",
     "check_layout", "expert_parameters", "shard_experts", "skip_allreduce_without_replicas",
     "ExpertLayout", "check_model_layout", "expert_parallel_dispatchers", "expert_parallel_layers",

@@ -29,6 +29,7 @@ from deepspeed.utils import groups as ds_groups
 from torch import Tensor, nn
 
 from sparse_moe.moe import GroupedFFNExperts, MoEConfig, MoEOutput
+from sparse_moe.optim.partitions import Fragment, PartitionLayout
 from sparse_moe.parallel.groups import ExpertParallelGroups
 
 PER_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -88,6 +89,55 @@ def skip_allreduce_without_replicas(engine: DeepSpeedEngine, client_optimizer: A
         return False
     engine.enable_backward_allreduce = False
     return True
+
+
+def factor_flat_partitions(engine: DeepSpeedEngine, client_optimizer: Any) -> int:
+    """Gives a ``FactoredAdam`` under ZeRO-1/2 or DeepSpeed's bf16 optimizer the layout of its
+    flat partitions, so that its matrices keep factored moments (``optim/partitions.py``).
+
+    DeepSpeed links every parameter to its fragment of the fp32 partition
+    (``param._hp_mapping``: where the fragment starts in the parameter and in the partition);
+    the ranks sharing a group are its data-parallel group, the expert-data-parallel group for
+    experts (``real_dp_process_group``). Returns the number of partitions given a layout (0
+    when the optimizer is not wrapped that way: unwrapped, or fp16/bf16 without ZeRO, where
+    DeepSpeed keeps fp32 copies in the parameters' own shapes).
+    """
+    wrapper = engine.optimizer
+    if not hasattr(client_optimizer, "attach_partitions") or wrapper is client_optimizer:
+        return 0
+    partitions = (getattr(wrapper, "single_partition_of_fp32_groups", None)
+                  or getattr(wrapper, "fp32_groups_flat_partition", None))
+    low_precision = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
+    if partitions is None or low_precision is None:
+        return 0
+    layouts = {}
+    for i, (flat, params) in enumerate(zip(partitions, low_precision)):
+        layouts[flat] = _partition_layout(params, wrapper.param_names,
+                                          wrapper.real_dp_process_group[i])
+    client_optimizer.attach_partitions(layouts)
+    return len(layouts)
+
+
+def _partition_layout(params: list[nn.Parameter], names: dict[nn.Parameter, str],
+                      group: Any) -> PartitionLayout:
+    fragments = []
+    for param in params:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue  # no element of this parameter lies in this rank's partition
+        fragments.append(Fragment(names[param], tuple(param.shape),
+                                  mapping.lp_fragment_address.start,
+                                  mapping.hp_fragment_address.start,
+                                  mapping.hp_fragment_address.numel))
+    reduce = None
+    if dist.get_world_size(group=group) > 1:
+        def reduce(buffer: Tensor) -> None:
+            dist.all_reduce(buffer, group=group)
+    return PartitionLayout(
+        fragments=sorted(fragments, key=lambda f: f.part_start),
+        matrices={names[p]: tuple(p.shape) for p in params if p.dim() >= 2},
+        vectors={names[p]: tuple(p.shape) for p in params if p.dim() < 2},
+        all_reduce=reduce)
 
 
 class DeepSpeedExpertParallelMoE(DeepSpeedMoE):

@@ -12,13 +12,14 @@ regime            what a rank holds (P: its parameters; /s: split over the ranks
 ================  ==================================================================
 fp32, ZeRO 0      fp32 parameters and gradients; the client optimizer's own state on
                   the real shapes (the factored moments of ``FactoredAdam``)
-bf16/fp16, 0      half parameters and gradients; DeepSpeed's FP16_Optimizer: fp32
-                  master copies and fp32 gradients of everything; the optimizer steps
-                  flat vectors (no factoring: a full second moment)
+bf16/fp16, 0      half parameters and gradients; DeepSpeed's unfused FP16_Optimizer: fp32
+                  master copies and fp32 gradients of everything, in the parameters'
+                  shapes (so ``FactoredAdam``'s moments are factored as without it)
 bf16, ZeRO 1      half parameters; fp32 gradient accumulation (``grad_accum_dtype``);
-(fp32 accum)      DeepSpeed's BF16_Optimizer: fp32 masters and optimizer state /s
+(fp32 accum)      DeepSpeed's BF16_Optimizer: fp32 masters /s, optimizer state on the
+                  flat partitions (``partitioned_state_numel``)
 ZeRO 1/2 (other)  half parameters; half gradients (ZeRO 2: /s) and the reduce bucket;
-                  fp32 masters, their gradients and optimizer state /s
+                  fp32 masters and their gradients /s, optimizer state as above
 ================  ==================================================================
 
 Outside ZeRO, DeepSpeed all-reduces gradients by flattening them into buckets of at least
@@ -136,16 +137,35 @@ def factored_state_numel(params: list[nn.Parameter], beta1: float) -> int:
 
 def optimizer_state_numel(name: str, beta1: float, params: list[nn.Parameter] | None,
                           flat_numel: float) -> float:
-    """State elements: on the real shapes (``params``) or on flat partitions (``flat_numel``).
-
-    A flat partition is a vector, so ``FactoredAdam`` keeps a full second moment there.
-    """
+    """State elements: on the real shapes (``params``) or on flat partitions (``flat_numel``)
+    of an optimizer without their layout (Adam's moments, one or two per element)."""
     moments = 2 if name == "adam" else (2 if beta1 > 0 else 1)
     if params is not None:
         if name == "adam":
             return 2 * sum(p.numel() for p in params)
         return factored_state_numel(params, beta1)
     return moments * flat_numel
+
+
+def partitioned_state_numel(name: str, beta1: float, tensors: RankTensors) -> float:
+    """State elements on ZeRO's flat partitions (ZeRO-1/2, DeepSpeed's bf16 optimizer).
+
+    ``FactoredAdam`` learns their layout (``optim/partitions.py``): every rank of a group
+    keeps the rows + columns of all of the group's matrices, and its share of the vectors'
+    moments (and of the first moment when ``beta1 > 0``). Adam keeps two per element.
+    """
+    shard = tensors.sharded_numel()
+    if name == "adam":
+        return 2 * shard
+    total = shard if beta1 > 0 else 0.0
+    for params, replicas in ((tensors.dense, tensors.dense_replicas),
+                             (tensors.experts, tensors.expert_replicas)):
+        for p in params:
+            if p.dim() >= 2:
+                total += math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]
+            else:
+                total += p.numel() / replicas
+    return total
 
 
 def largest_allreduce_bucket(tensors: RankTensors) -> int:
@@ -177,14 +197,15 @@ def memory_parts(tensors: RankTensors, regime: Regime, optimizer: str, beta1: fl
         buffers = FULL * bucket if world > 1 else 0
         return MemoryParts(FULL * count, FULL * count, int(FULL * state), buffers)
     if wrapper == "fp16_optimizer":
-        # fp32 master copies of everything; the optimizer steps them as flat vectors. The
+        # fp32 master copies of everything, in the parameters' shapes (DeepSpeed's unfused
+        # fp16/bf16 optimizer), so the moments are factored as without a wrapper. The
         # all-reduce bucket (backward) is freed before the fp32 gradients exist (the step).
-        state = optimizer_state_numel(optimizer, beta1, None, count)
+        state = optimizer_state_numel(optimizer, beta1, tensors.dense + tensors.experts, 0)
         optimizer_bytes = int(FULL * (count + state))
         if half * bucket > FULL * count:
             return MemoryParts(half * count, half * count, optimizer_bytes, half * bucket)
         return MemoryParts(half * count, (half + FULL) * count, optimizer_bytes, 0)
-    state = optimizer_state_numel(optimizer, beta1, None, shard)
+    state = partitioned_state_numel(optimizer, beta1, tensors)
     masters = int(FULL * (shard + state))
     if wrapper == "bf16_optimizer":
         # fp32 accumulation of every gradient, beside the bf16 gradients backward produced;

@@ -21,7 +21,7 @@ from typing import Any
 
 from sparse_moe.config_io import ConfigError
 from sparse_moe.models import LMConfig, TranslationConfig, count_budget
-from sparse_moe.plan.activations import lm_activations, translation_activations
+from sparse_moe.plan.activations import lm_activations, sampled_columns, translation_activations
 from sparse_moe.plan.memory import MemoryParts, RankTensors, memory_parts, regime_of
 from sparse_moe.train.config import TrainConfig
 
@@ -113,7 +113,7 @@ def plan_run(config: TrainConfig, model: LMConfig | TranslationConfig, world: in
         * ds_config["gradient_accumulation_steps"],
         device_memory=device_memory,
         fits=None if device_memory is None else total <= device_memory,
-        notes=plan_notes(regime, config))
+        notes=plan_notes(regime, config, model))
 
 
 def checkpoint_peak(parts: MemoryParts, wrapper: str, count: int, expert_copy: int) -> int:
@@ -160,14 +160,22 @@ def all_to_all_bytes(layers: list, tokens: int, ep: int, element: int) -> int:
 
 
 def training_multiply_adds(model: Any, config: LMConfig | TranslationConfig, tokens: int) -> int:
-    """Forward and backward (3 x forward) multiply-adds of one micro-step, softmax included."""
-    per_token = count_budget(model).ops_per_timestep + config.d_model * config.vocab_size
+    """Forward and backward (3 x forward) multiply-adds of one micro-step, softmax included
+    (over the target and the candidates when it is sampled)."""
+    columns = sampled_columns(config)
+    columns = config.vocab_size if columns is None else columns + 1
+    per_token = count_budget(model).ops_per_timestep + config.d_model * columns
     return 3 * per_token * tokens
 
 
-def plan_notes(regime, config: TrainConfig) -> list[str]:
+LARGE_VOCABULARY = 100_000
+
+
+def plan_notes(regime: Any, config: TrainConfig, model_config: Any = None) -> list[str]:
     notes = []
-    if regime.wrapper != "none" and config.optimizer.name == "factored_adam":
-        notes.append("DeepSpeed's optimizer wrapper hands FactoredAdam flat vectors: its second "
-                     "moment is a full vector here, not factored")
+    if (model_config is not None and model_config.vocab_size >= LARGE_VOCABULARY
+            and sampled_columns(model_config) is None):
+        notes.append(f"the full softmax over {model_config.vocab_size:,} words dominates the "
+                     "activations; model.overrides.softmax.kind=sampled trains with the paper's "
+                     "sampled softmax (evaluation stays exact)")
     return notes

@@ -4,7 +4,8 @@ Training gets the run's completed DeepSpeed config (``ds_config.py``), the confi
 over DeepSpeed's MoE parameter groups and the learning-rate schedule, and the fixes that
 depend on what DeepSpeed wrapped: the non-finite guard stays only on an unwrapped optimizer,
 whose state is then allocated before the first step; the all-reduce is skipped where there is
-no replica. Inference (generation, evaluation of a finished run) gets an engine without an
+no replica; ``FactoredAdam`` learns the layout of ZeRO's flat partitions, so that its moments
+stay factored there. Inference (generation, evaluation of a finished run) gets an engine without an
 optimizer: fp32 weights, no ZeRO, no monitors, so it can load any run's checkpoint.
 """
 
@@ -19,7 +20,11 @@ import torch
 from torch.optim import Optimizer
 
 from sparse_moe.optim import build_optimizer, build_scheduler
-from sparse_moe.parallel import moe_param_groups, skip_allreduce_without_replicas
+from sparse_moe.parallel import (
+    factor_flat_partitions,
+    moe_param_groups,
+    skip_allreduce_without_replicas,
+)
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.ds_config import build_ds_config
 from sparse_moe.train.nonfinite import NonFiniteGuard
@@ -53,6 +58,8 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, world: int, run_di
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     skip_allreduce_without_replicas(engine, optimizer)
+    factor_flat_partitions(engine, optimizer)
+    undo_zero_gradient_step(engine, optimizer)
     run = RunEngine(engine, ds_config, optimizer, guard)
     if run.optimizer_wrapped:
         guard.disable()  # DeepSpeed's wrapper (ZeRO, bf16, fp16) skips bad steps itself
@@ -61,3 +68,23 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, world: int, run_di
         # buffers (a wrapper would hand it flat partitions of its own instead).
         optimizer.initialize_state()
     return run
+
+
+def undo_zero_gradient_step(engine: Any, client_optimizer: Optimizer) -> bool:
+    """Sets the client optimizer's step counters back to 0 after DeepSpeed's fp16/bf16
+    optimizer without ZeRO allocated its state by stepping it once with zero gradients.
+
+    That step leaves every moment at zero but counts as a step, so Adam's bias correction
+    would run one step ahead: the first update would be ``sqrt(1 + beta2)`` times too large
+    (about 1.41x). Returns whether counters were reset.
+    """
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return False
+    for state in client_optimizer.state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = torch.zeros_like(step) if torch.is_tensor(step) else 0
+    return True

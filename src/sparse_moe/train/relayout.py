@@ -16,7 +16,9 @@ Here the optimizer state is re-split on load, from DeepSpeed's own files:
    expert state is concatenated over the saved ranks along the expert dimension;
 3. this rank takes its share: the unwrapped optimizer gets a state dict for its own
    parameters; a DeepSpeed wrapper (ZeRO, bf16, fp16) gets every parameter's fp32 master and
-   moments through DeepSpeed's ``safe_set_full_*`` API, which knows its partitions;
+   moments through DeepSpeed's ``safe_set_full_*`` API, which knows its partitions, and
+   ``FactoredAdam``'s factored moments (which its partitions hold per parameter name,
+   ``optim/partitions.py``) through ``FactoredAdam.load_full_moments``;
 4. the learning-rate schedule, the step counters and the data position follow.
 
 The state at load equals the saved state reassembled, bit for bit (``tests/train/
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from sparse_moe.config_io import ConfigError
+from sparse_moe.optim.partitions import FACTORED_KEY
 from sparse_moe.train.checkpoint_files import (
     expert_parallel_optimizer_file,
     model_states_file,
@@ -40,6 +43,8 @@ from sparse_moe.train.checkpoint_files import (
 )
 
 FULL_STATE = dict[str, dict[str, Any]]  # parameter name -> optimizer state key -> value
+# FactoredAdam's moments, which its flat partitions hold in their own form (optim/partitions.py)
+FACTORED_MOMENTS = ("row", "col", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -189,12 +194,14 @@ def zero_full_state(tag_dir: Path, saved: SavedLayout, model_config: Any, parall
     fragment lies in each partition: ``param_slice_mappings``)."""
     experts = _is_expert(_saved_rank_model(model_config, parallel, saved.ep_size, 0))
     pieces: dict[tuple[int, str], list[tuple[int, dict[str, torch.Tensor]]]] = {}
+    factored: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for rank in range(saved.world):
         sd = torch.load(zero_optimizer_file(tag_dir, rank, saved.bf16), map_location="cpu",
                         weights_only=False)["optimizer_state_dict"]
         masters = sd.get("single_partition_of_fp32_groups") or sd.get("fp32_groups_flat_partition")
         base = sd["base_optimizer_state"]["state"]
         for group, mapping in enumerate(sd["param_slice_mappings"]):
+            moments = base[group].get(FACTORED_KEY)  # FactoredAdam's partitions (partitions.py)
             for name, fragment in mapping.items():
                 # a dense parameter is split over every rank; an expert block over the ranks
                 # of its expert-data-parallel group (DeepSpeed's layout: rank % ep_size)
@@ -203,6 +210,11 @@ def zero_full_state(tag_dir: Path, saved: SavedLayout, model_config: Any, parall
                 tensors = {"fp32": masters[group][window]}
                 tensors.update({key: value[window] for key, value in base[group].items()
                                 if torch.is_tensor(value) and value.dim() > 0})
+                if moments is not None and name in moments["exp_avg_sq"]:
+                    tensors["exp_avg_sq"] = moments["exp_avg_sq"][name]
+                if moments is not None and name in moments["row"]:  # whole, on every rank
+                    factored.setdefault((ep_rank, name), {"row": moments["row"][name],
+                                                          "col": moments["col"][name]})
                 pieces.setdefault((ep_rank, name), []).append((rank, tensors))
     full: FULL_STATE = {}
     masters_out: dict[str, torch.Tensor] = {}
@@ -215,6 +227,7 @@ def zero_full_state(tag_dir: Path, saved: SavedLayout, model_config: Any, parall
             state = {key: torch.cat([p[1][key] for p in sorted(parts, key=lambda p: p[0])])
                      .view(param.shape) for key in (parts[0][1] if parts else {})}
             master = state.pop("fp32")
+            state.update(factored.get((ep_rank, name), {}))
             _merge(full, name, state, name in experts)
             masters_out[name] = master if name not in masters_out else \
                 torch.cat([masters_out[name], master])
@@ -260,16 +273,22 @@ def load_wrapped_optimizer(engine: Any, model: nn.Module, full: FULL_STATE,
     into its partitions (``deepspeed.utils.safe_set_full_*``)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    ensure_optimizer_state(engine.optimizer.optimizer)
+    client = engine.optimizer.optimizer
+    ensure_optimizer_state(client)
     link_optimizer_state(engine)
+    factored = bool(getattr(client, "partition_layouts", None))
     blocks = expert_blocks(model)
     for name, param in model.named_parameters():
         first, count = blocks.get(name, (0, param.shape[0] if param.dim() else 0))
         rows = slice(first, first + count) if name in blocks else slice(None)
         safe_set_full_fp32_param(param, masters[name][rows].to(param.device))
-        for key, value in full[name].items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                safe_set_full_optimizer_state(param, value[rows].to(param.device), key)
+        tensors = {key: value[rows] for key, value in full[name].items()
+                   if torch.is_tensor(value) and value.dim() > 0}
+        moments = {k: tensors.pop(k) for k in FACTORED_MOMENTS if factored and k in tensors}
+        if moments:
+            client.load_full_moments(name, moments)
+        for key, value in tensors.items():
+            safe_set_full_optimizer_state(param, value.to(param.device), key)
     for state in engine.optimizer.optimizer.state.values():
         if "step" in state:
             state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
