@@ -148,6 +148,10 @@ def _tokenizer(args, command) -> int:
     record = train_tokenizer(_spec(args), options)
     print(f"tokenizer: {record['model']} (vocabulary {record['vocab_size']}, sha256 "
           f"{record['sha256'][:16]}...)")
+    if args.pad_id < 0:
+        print("note: no --pad-id, so this tokenizer has no padding id: fine for language-model "
+              "corpora, but translation corpora (encode-parallel) need one; train with "
+              "--pad-id 3 (after <unk>, <s>, </s>) for translation", file=sys.stderr)
     return 0
 
 
@@ -169,7 +173,14 @@ def _encode(args, command) -> int:
 
 
 def _encode_parallel(args, command) -> int:
+    from sparse_moe.data import load_tokenizer
+
     from .jobs import encode_parallel
+
+    if load_tokenizer(args.tokenizer).pad_id < 0:  # before any shard is written
+        raise DataPrepError(f"--tokenizer {args.tokenizer}: expected a tokenizer with a padding "
+                            "id (translation batches pad their sentences), found none; retrain "
+                            "it with data_prep tokenizer ... --pad-id 3")
 
     spec = SourceSpec(inputs=["-"], encoding=args.encoding, errors=args.errors)
     summary, manifest = encode_parallel(_encode_options(args), spec, args.source, args.target,

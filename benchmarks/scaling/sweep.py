@@ -22,6 +22,10 @@ The same configurations run as a Slurm job array (one run per task) with
       sbatch --array=0-11 slurm/sweep.sbatch
 
 followed by ``--report-only --runs <the array's SWEEP_DIR>``.
+
+The translation study (Multi30k English-German, BLEU; docs/results.md "Translation"):
+
+    python benchmarks/scaling/sweep.py --task translation
 """
 
 from __future__ import annotations
@@ -75,12 +79,54 @@ def prepare_corpus(work: Path, vocab_size: int) -> tuple[Path, Path]:
     return corpus, tokenizer
 
 
+MULTI30K = ROOT / ".." / "shared" / "data" / "multi30k"
+# split -> Multi30k's file name; the test split is test_2016_flickr, the common benchmark.
+MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+
+
+def prepare_translation_corpus(work: Path, vocab_size: int) -> tuple[Path, Path, list[str]]:
+    """Multi30k English-German: one shared SentencePiece vocabulary with a padding id, the
+    three splits as a parallel corpus, and the data.references overrides (the original German
+    sentences, which BLEU is scored against)."""
+    import gzip
+
+    work.mkdir(parents=True, exist_ok=True)
+    texts = work / "text"
+    texts.mkdir(exist_ok=True)
+    for name in MULTI30K_SPLITS.values():
+        for lang in ("en", "de"):
+            path = texts / f"{name}.{lang}"
+            if not path.exists():
+                with gzip.open(MULTI30K / f"{name}.{lang}.gz", "rt", encoding="utf-8") as f:
+                    tmp = path.with_suffix(path.suffix + ".tmp")
+                    tmp.write_text(f.read(), encoding="utf-8")
+                    tmp.replace(path)
+    prefix = work / f"sp{vocab_size}"
+    tokenizer = Path(f"{prefix}.model")
+    if not tokenizer.exists():
+        data_prep(["tokenizer", "-i", str(texts / "train.en"), str(texts / "train.de"),
+                   "--model-prefix", str(prefix), "--vocab-size", str(vocab_size),
+                   "--pad-id", "3", "--num-threads", "2"])
+    corpus = work / "corpus"
+    manifest = corpus / "manifest.json"
+    done = json.loads(manifest.read_text()).get("parallel", {}) if manifest.exists() else {}
+    for split, name in MULTI30K_SPLITS.items():
+        if split not in done:
+            data_prep(["encode-parallel", "--source", str(texts / f"{name}.en"), "--target",
+                       str(texts / f"{name}.de"), "--src-lang", "en", "--tgt-lang", "de", "-t",
+                       str(tokenizer), "-o", str(corpus), "--split", split, "--no-progress"])
+    references = ", ".join(f"{split}: {texts / f'{name}.de'}"
+                           for split, name in MULTI30K_SPLITS.items() if split != "train")
+    return corpus, tokenizer, [f"data.references={{{references}}}"]
+
+
 def data_prep(arguments: list[str]) -> None:
     # A subprocess: benchmarks/data_prep.py would shadow the data_prep package here.
     subprocess.run([sys.executable, "-m", "data_prep", *arguments], cwd=ROOT, check=True)
 
 
-def train(name: str, overrides: list[str], args, corpus: Path, tokenizer: Path) -> str:
+def train(name: str, overrides: list[str], args, corpus: Path, tokenizer: Path,
+          extra: list[str] = ()) -> str:
     """One configuration's training run, resumed when an earlier attempt was interrupted."""
     run_dir = args.runs / name
     if (run_dir / "summary.json").exists():
@@ -88,7 +134,7 @@ def train(name: str, overrides: list[str], args, corpus: Path, tokenizer: Path) 
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "sparse_moe.train", "--config", str(args.base), *overrides,
                f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
-               "run.resume=true", *args.overrides]
+               "run.resume=true", *extra, *args.overrides]
     # One thread per run: small per-expert matrix products lose more to OpenMP threads
     # fighting over two cores than they gain (measured: 3.2 s/step against 0.44 s).
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT / "src"))
@@ -119,8 +165,13 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--section", default="results",
                         help="the report's <!-- SECTION:begin/end --> markers to write between")
+    parser.add_argument("--task", choices=("lm", "translation"), default="lm",
+                        help="translation: Multi30k En-De, BLEU (sweep_translation.txt, "
+                             "base_translation.yaml, the report's translation section)")
     parser.add_argument("overrides", nargs="*", help="section.field=value for every run")
     args = parser.parse_args()
+    if args.task == "translation":
+        _translation_defaults(args, parser)
     args.runs = args.runs or args.work / "runs"
     configurations = read_sweep(args.sweep)
     if args.only:
@@ -128,18 +179,33 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: {unknown} not in {args.sweep}")
     if not args.report_only:
-        corpus, tokenizer = prepare_corpus(args.work, args.vocab_size)
+        if args.task == "translation":
+            corpus, tokenizer, extra = prepare_translation_corpus(args.work, args.vocab_size)
+        else:
+            (corpus, tokenizer), extra = prepare_corpus(args.work, args.vocab_size), []
         if args.prepare_only:
             print(f"corpus: {corpus}\ntokenizer: {tokenizer}")
             return
         chosen = [(n, o) for n, o in configurations if not args.only or n in args.only]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for message in pool.map(lambda c: train(*c, args, corpus, tokenizer), chosen):
+            for message in pool.map(lambda c: train(*c, args, corpus, tokenizer, extra), chosen):
                 print(message, flush=True)
-    from report import write_report  # benchmarks/scaling/report.py
+    if args.task == "translation":
+        from translation_report import write_report  # benchmarks/scaling/translation_report.py
+    else:
+        from report import write_report  # benchmarks/scaling/report.py
 
     write_report(configurations, args.runs, args.report, command=" ".join(sys.argv[1:]),
                  section=args.section)
+
+
+def _translation_defaults(args, parser) -> None:
+    """The translation study's files, unless given."""
+    for name, value in (("sweep", HERE / "sweep_translation.txt"),
+                        ("base", HERE / "base_translation.yaml"),
+                        ("work", ROOT / "runs" / "translation"), ("section", "translation")):
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,17 @@ def other_spm_model(tmp_path_factory, wt_file) -> str:
 @pytest.fixture(scope="session")
 def sp(spm_model) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=spm_model)
+
+
+@pytest.fixture(scope="session")
+def pad_spm_model(tmp_path_factory, wt_file) -> str:
+    """With a padding id (id 3), as translation corpora need."""
+    prefix = tmp_path_factory.mktemp("tokpad") / "wt1kpad"
+    spm.SentencePieceTrainer.train(input=str(wt_file), model_prefix=str(prefix), vocab_size=1000,
+                                   character_coverage=1.0, minloglevel=2, num_threads=2, pad_id=3)
+    return str(prefix) + ".model"
+
+
+@pytest.fixture(scope="session")
+def pad_sp(pad_spm_model) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=pad_spm_model)

@@ -21,7 +21,8 @@ def _gz_lines(path, count):
     return gzip.open(path, "rt", encoding="utf-8").read().split("\n")[:count]
 
 
-def test_parallel_files_give_aligned_shards(tmp_path, spm_model, sp):
+def test_parallel_files_give_aligned_shards(tmp_path, pad_spm_model, pad_sp):
+    spm_model, sp = pad_spm_model, pad_sp
     en, de = _gz_lines(SHARED / "multi30k" / "train.en.gz", 1500), \
         _gz_lines(SHARED / "multi30k" / "train.de.gz", 1500)
     (tmp_path / "a.en").write_text("\n".join(en) + "\n")
@@ -41,7 +42,8 @@ def test_parallel_files_give_aligned_shards(tmp_path, spm_model, sp):
     assert [s["documents"] for s in src_shards] == [s["documents"] for s in tgt_shards]
 
 
-def test_tsv_pairs(tmp_path, spm_model, sp):
+def test_tsv_pairs(tmp_path, pad_spm_model, pad_sp):
+    spm_model, sp = pad_spm_model, pad_sp
     lines = gzip.open(SHARED / "tatoeba-en-fr" / "en-fr.tsv.gz", "rt", encoding="utf-8"
                       ).read().split("\n")[:2000]
     (tmp_path / "p.tsv").write_text("\n".join(lines) + "\n")

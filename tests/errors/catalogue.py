@@ -89,6 +89,7 @@ def text_inputs(ws: Workspace, d: Path) -> None:
     copy_into(ws.train_text, d / "train.txt")
     copy_into(ws.tokenizer, d / "sp.model")
     copy_into(ws.other_tokenizer, d / "other.model")
+    copy_into(ws.pad_tokenizer, d / "pad.model")
 
 
 def run_copy(ws: Workspace, d: Path) -> None:
@@ -285,16 +286,21 @@ CASES: list[Case] = [
          ("rows.jsonl", "'text'"), "expected it in every row", "found the fields ['body']",
          chain(text_inputs, write("rows.jsonl", '{"body": "a b c"}\n'))),
     Case("encode-parallel-misaligned", "text inputs", "parallel files of different lengths",
-         DATA, ("encode-parallel", "--source", "a.en", "--target", "a.de", "-t", "sp.model",
+         DATA, ("encode-parallel", "--source", "a.en", "--target", "a.de", "-t", "pad.model",
                 "-o", "out", "--no-progress"), ("a.en", "a.de"), "expected the same number",
          "a.de has 2", chain(text_inputs, write("a.en", "one\ntwo\nthree\n"),
                                 write("a.de", "eins\nzwei\n"))),
     Case("encode-parallel-no-target", "text inputs", "a source side without a target side",
-         DATA, ("encode-parallel", "--source", "a.en", "-t", "sp.model", "-o", "out",
+         DATA, ("encode-parallel", "--source", "a.en", "-t", "pad.model", "-o", "out",
                 "--no-progress"), ("--target",), "expected --source and --target",
          "found --source", chain(text_inputs, write("a.en", "one\n"))),
+    Case("encode-parallel-no-padding-id", "text inputs",
+         "a translation corpus with a tokenizer trained without --pad-id", DATA,
+         ("encode-parallel", "--source", "a.en", "--target", "a.de", "-t", "sp.model", "-o",
+          "out", "--no-progress"), ("sp.model", "--pad-id"), "expected a tokenizer with a padding id",
+         "found none", chain(text_inputs, write("a.en", "one\n"), write("a.de", "eins\n"))),
     Case("encode-tsv-without-tab", "text inputs", "a TSV line without a tab", DATA,
-         ("encode-parallel", "--tsv", "pairs.tsv", "-t", "sp.model", "-o", "out",
+         ("encode-parallel", "--tsv", "pairs.tsv", "-t", "pad.model", "-o", "out",
           "--no-progress"), ("pairs.tsv:2",), "expected 'source<TAB>target'", "found no tab",
          chain(text_inputs, write("pairs.tsv", "hello\tbonjour\nno tab here\n"))),
     Case("encode-into-other-corpus", "text inputs", "--output holds a corpus of another tokenizer",

@@ -1,8 +1,9 @@
 """The small real inputs every catalogue case starts from, built once per test session.
 
-WikiText-2 text, two SentencePiece models trained on it, a corpus encoded with the first, and
-a run directory with a checkpoint written by one real training step. Cases copy what they
-damage into a directory of their own, so the originals stay good for the next case.
+WikiText-2 text, three SentencePiece models trained on it (one with a padding id), a corpus
+encoded with the first, and a run directory with a checkpoint written by one real training
+step. Cases copy what they damage into a directory of their own, so the originals stay good
+for the next case.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Workspace:
         return self.root / "tok" / "other.model"
 
     @property
+    def pad_tokenizer(self) -> Path:
+        """With a padding id, as translation corpora need (``--pad-id 3``)."""
+        return self.root / "tok" / "pad.model"
+
+    @property
     def corpus(self) -> Path:
         return self.root / "corpus"
 
@@ -59,10 +65,11 @@ def build_workspace(root: Path) -> Workspace:
     ws.train_text.parent.mkdir(parents=True)
     _head(SHARED / "wikitext-2" / "train.txt", ws.train_text, 150_000)
     _head(SHARED / "wikitext-2" / "valid.txt", ws.valid_text, 30_000)
-    for model, size in ((ws.tokenizer, "300"), (ws.other_tokenizer, "200")):
+    for model, size, extra in ((ws.tokenizer, "300", []), (ws.other_tokenizer, "200", []),
+                               (ws.pad_tokenizer, "300", ["--pad-id", "3"])):
         prefix = str(model.with_suffix(""))
         assert data_prep(["tokenizer", "-i", str(ws.train_text), "--model-prefix", prefix,
-                          "--vocab-size", size, "--num-threads", "1"]) == 0
+                          "--vocab-size", size, "--num-threads", "1", *extra]) == 0
     for split, text in (("train", ws.train_text), ("valid", ws.valid_text)):
         assert data_prep(["encode", "-i", str(text), "-t", str(ws.tokenizer), "-o",
                           str(ws.corpus), "--split", split, "--no-progress"]) == 0

@@ -202,6 +202,32 @@ TRANSLATION_PRESETS: dict[str, Callable[..., TranslationConfig]] = {
 }
 
 
+# CPU-sized translation study (Multi30k, docs/translation.md): d=128, LSTMs of 256 units, the
+# paper's layout (bidirectional first encoder layer, a MoE after encoder layer 2 and decoder
+# layer 1). MoE: 32 experts of hidden 256, k=4; the compute-matched dense model is one expert
+# of hidden 4 x 256, the same multiply-adds per time step (as MoE-1-Wide for the LM).
+SMALL_MT_D, SMALL_MT_H, SMALL_MT_EXPERT = 128, 256, 256
+
+
+def _small_translation(moe: dict[str, Any], vocab_size: int | None) -> TranslationConfig:
+    return TranslationConfig(vocab_size=vocab_size or 8000, d_model=SMALL_MT_D,
+                             hidden_size=SMALL_MT_H, encoder_layers=3, decoder_layers=2,
+                             encoder_moe_after=2, decoder_moe_after=1, moe=moe, dropout=0.3)
+
+
+SMALL_TRANSLATION_PRESETS: dict[str, Callable[..., TranslationConfig]] = {
+    "small-gnmt-moe-32": lambda vocab_size=None: _small_translation(
+        {"d_hidden": SMALL_MT_EXPERT, "num_experts": 32, "k": 4}, vocab_size),
+    "small-gnmt-moe-32-topk": lambda vocab_size=None: _small_translation(
+        {"d_hidden": SMALL_MT_EXPERT, "num_experts": 32, "k": 4, "gating": "noisy_topk"},
+        vocab_size),
+    "small-gnmt-dense": lambda vocab_size=None: _small_translation(
+        {"d_hidden": 4 * SMALL_MT_EXPERT, "num_experts": 1, "k": 1, "gating": "noisy_topk",
+         "w_importance": 0.0, "w_load": 0.0}, vocab_size),
+}
+TRANSLATION_PRESETS.update(SMALL_TRANSLATION_PRESETS)
+
+
 def translation_preset(name: str, vocab_size: int | None = None) -> TranslationConfig:
     if name not in TRANSLATION_PRESETS:
         raise ValueError(f"translation_preset: unknown preset {name!r}; expected one of "
