@@ -71,3 +71,30 @@ def test_slurm_array_task_reads_the_same_line():
 
 def _train_config(overrides, base_yaml=SCALING / "base.yaml"):
     return load_train_config(base_yaml, [*overrides, "data.corpus=corpus"])
+
+
+TRANSLATION = read_sweep(SCALING / "sweep_translation.txt")
+
+
+def test_the_translation_study_is_compute_matched_against_a_hand_count():
+    """Every configuration loads on base_translation.yaml; the dense model and the MoEs do the
+    same multiply-adds per time step: LSTMs the same, and each MoE's k experts of hidden h
+    against one expert of hidden k x h (2 x d x hidden per expert), gates aside."""
+    from sparse_moe.models import count_budget, translation_preset
+    from sparse_moe.models.budget import meta_model
+    from sparse_moe.models.translation import MoETranslationModel
+
+    assert [name for name, _ in TRANSLATION] == ["gnmt-dense", "gnmt-moe-32", "gnmt-moe-32-topk"]
+    ops = {}
+    for name, overrides in TRANSLATION:
+        config = _train_config(overrides, SCALING / "base_translation.yaml")
+        model = translation_preset(config.model.preset, 8000)
+        ops[name] = count_budget(meta_model(MoETranslationModel, model)).ops_per_timestep
+        moe = model.moe_config()
+        expert_ops = 2 * moe.experts_per_token * model.d_model * moe.d_hidden
+        assert expert_ops == 2 * 4 * 128 * 256  # both MoE layers: 4 x 256 hidden, or 1 x 1024
+    # The gates, two MoE layers each: strict balancing one d x 32 matrix, noisy top-k a gate and
+    # a noise matrix (d x 32 each, d x 1 for the dense model's single expert).
+    assert ops["gnmt-moe-32"] - ops["gnmt-dense"] == 2 * (128 * 32 - 2 * 128 * 1)
+    assert ops["gnmt-moe-32-topk"] - ops["gnmt-dense"] == 2 * (2 * 128 * 32 - 2 * 128 * 1)
+    assert ops["gnmt-moe-32-topk"] < 1.01 * ops["gnmt-dense"]
