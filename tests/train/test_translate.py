@@ -86,3 +86,19 @@ def test_bad_inputs_get_clear_errors_and_write_nothing(trained, m30_corpus, tmp_
                        "--tokenizer", f"{other}.model")
     assert wrong.returncode == 2 and "other.model" in wrong.stderr, wrong.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(300)
+def test_an_export_translates_like_its_run(trained, m30_corpus, tmp_path):
+    run_dir, root = trained
+    export = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "sparse_moe.train.export", str(run_dir), "--out",
+                           str(export)], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_run, from_export = tmp_path / "run.hyp", tmp_path / "export.hyp"
+    assert _translate(str(run_dir), "-i", str(root / "valid.en"), "-o", str(from_run)).returncode == 0
+    proc = _translate(str(export), "-i", str(root / "valid.en"), "-o", str(from_export),
+                      "--corpus", m30_corpus["corpus"], "--beam-size", "3", "--length-penalty", "0.6",
+                      "--max-length", "30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert from_export.read_text(encoding="utf-8") == from_run.read_text(encoding="utf-8")

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a tokenizer file to use instead of the run's (checked against its corpus)")
     parser.add_argument("--references", type=Path, default=None,
                         help="reference translations (one per line): print sacrebleu's BLEU")
+    parser.add_argument("--corpus", default=None,
+                        help="the parallel corpus (its manifest gives the special ids); default: "
+                             "the run's data.corpus (needed for an export)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     return parser
 
@@ -110,6 +113,7 @@ def translate(args: argparse.Namespace) -> dict[str, Any]:
         raise TranslateError(f"{args.references}: expected {len(lines)} reference lines (one per "
                              f"line of {args.input}), found {len(references)}")
     overrides = [f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []
+    overrides += [f"data.corpus={args.corpus}"] if args.corpus else []
     engine, task, tokenizer, device = load_trained(args.run_dir, args.tag, overrides)
     if not isinstance(task, TranslationTask):
         raise TranslateError(f"{args.run_dir}: expected a translation run, found a language "
