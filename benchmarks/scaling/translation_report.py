@@ -22,10 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from report import LOAD_WINDOW, markers  # noqa: E402  (benchmarks/scaling/report.py)
 
-from sparse_moe.models import count_budget, translation_preset  # noqa: E402
+from sparse_moe.models import count_budget  # noqa: E402
 from sparse_moe.models.budget import meta_model  # noqa: E402
 from sparse_moe.models.translation import MoETranslationModel  # noqa: E402
 from sparse_moe.report import read_csv_metric  # noqa: E402
+from sparse_moe.train.tasks import base_model_config  # noqa: E402
 
 # The paper's translation results (Tables 2 and 3, newstest2014 BLEU): GNMT against the MoE
 # models, on WMT'14 (36M and 5M sentence pairs), 85M ops per time step for GNMT.
@@ -53,7 +54,7 @@ def load_run(name: str, run_dir: Path) -> TranslationRun | None:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     preset = config["model"]["preset"]
     corpus = json.loads((Path(config["data"]["corpus"]) / "manifest.json").read_text())
-    model = translation_preset(preset, corpus["tokenizer"]["vocab_size"])
+    model = base_model_config(preset, corpus["tokenizer"]["vocab_size"])  # a name or a YAML
     budget = count_budget(meta_model(MoETranslationModel, model), extra_ops=model.d_model ** 2)
     run = TranslationRun(name, preset, json.loads((run_dir / "summary.json").read_text()),
                          budget.ops_per_timestep / 1e6, budget.params / 1e6)

@@ -80,15 +80,18 @@ def test_the_translation_study_is_compute_matched_against_a_hand_count():
     """Every configuration loads on base_translation.yaml; the dense model and the MoEs do the
     same multiply-adds per time step: LSTMs the same, and each MoE's k experts of hidden h
     against one expert of hidden k x h (2 x d x hidden per expert), gates aside."""
-    from sparse_moe.models import count_budget, translation_preset
+    from sparse_moe.models import count_budget
     from sparse_moe.models.budget import meta_model
     from sparse_moe.models.translation import MoETranslationModel
+    from sparse_moe.train.tasks import base_model_config
 
-    assert [name for name, _ in TRANSLATION] == ["gnmt-dense", "gnmt-moe-32", "gnmt-moe-32-topk"]
+    assert [name for name, _ in TRANSLATION] == ["gnmt-dense", "gnmt-moe-32", "gnmt-moe-32-topk",
+                                                 "gnmt-moe-32-topk-w0.1"]
     ops = {}
     for name, overrides in TRANSLATION:
         config = _train_config(overrides, SCALING / "base_translation.yaml")
-        model = translation_preset(config.model.preset, 8000)
+        model = base_model_config(str(ROOT / config.model.preset) if config.model.preset.endswith(
+            ".yaml") else config.model.preset, 8000)
         ops[name] = count_budget(meta_model(MoETranslationModel, model)).ops_per_timestep
         moe = model.moe_config()
         expert_ops = 2 * moe.experts_per_token * model.d_model * moe.d_hidden
@@ -98,3 +101,6 @@ def test_the_translation_study_is_compute_matched_against_a_hand_count():
     assert ops["gnmt-moe-32"] - ops["gnmt-dense"] == 2 * (128 * 32 - 2 * 128 * 1)
     assert ops["gnmt-moe-32-topk"] - ops["gnmt-dense"] == 2 * (2 * 128 * 32 - 2 * 128 * 1)
     assert ops["gnmt-moe-32-topk"] < 1.01 * ops["gnmt-dense"]
+    assert ops["gnmt-moe-32-topk-w0.1"] == ops["gnmt-moe-32-topk"]  # only the weights differ
+    weights = base_model_config(str(SCALING / "gnmt-moe-32-topk-w0.1.yaml"), 8000).moe
+    assert (weights["w_importance"], weights["w_load"]) == (0.1, 0.1)
