@@ -102,3 +102,16 @@ def test_an_export_translates_like_its_run(trained, m30_corpus, tmp_path):
                       "--max-length", "30")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert from_export.read_text(encoding="utf-8") == from_run.read_text(encoding="utf-8")
+
+
+def test_bad_sizes_and_a_missing_output_folder_fail_before_loading(tmp_path, capsys):
+    from sparse_moe.train.translate import main
+
+    source = tmp_path / "src.en"
+    source.write_text("a dog runs .\n", encoding="utf-8")
+    for option, message in ((["--beam-size", "0"], "--beam-size: expected a positive integer"),
+                            (["--batch-size", "-2"], "--batch-size: expected a positive integer")):
+        assert main([str(tmp_path), "-i", str(source), "-o", str(tmp_path / "o"), *option]) == 2
+        assert message in capsys.readouterr().err
+    assert main([str(tmp_path), "-i", str(source), "-o", str(tmp_path / "no" / "o")]) == 2
+    assert "expected an existing folder for the output" in capsys.readouterr().err

@@ -106,7 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Fails before loading anything: sizes must be positive, the output's folder must exist."""
+    for name in ("beam_size", "max_length", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TranslateError(f"--{name.replace('_', '-')}: expected a positive integer, "
+                                 f"found {value}")
+    if not args.output.parent.is_dir():
+        raise TranslateError(f"{args.output}: expected an existing folder for the output, found "
+                             f"no folder {args.output.parent}")
+
+
 def translate(args: argparse.Namespace) -> dict[str, Any]:
+    check_options(args)
     lines = read_lines(args.input)
     references = read_lines(args.references) if args.references else None
     if references is not None and len(references) != len(lines):
