@@ -5,7 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
+# Where torch comes from: PyPI's Linux wheel is a CUDA build (and runs on CPU-only machines
+# too); a cluster whose driver needs another CUDA sets e.g.
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
+TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
+# DeepSpeed compiles no op at install (its ops this project uses are plain PyTorch), so a
+# cluster without nvcc or a compiler installs it too.
+export DS_BUILD_OPS := 0
 
 .PHONY: install test demo bench clean
 
@@ -15,7 +22,7 @@ install: $(STAMP)
 # isolation because DeepSpeed's source build imports torch; finally the project itself, editable.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install --quiet --no-build-isolation -r requirements.txt
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)

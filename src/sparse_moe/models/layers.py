@@ -9,6 +9,8 @@ pass, with the RNG state (dropout, gating noise) restored so the recomputation i
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -19,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from sparse_moe.moe import MoEConfig, MoEOutput, build_moe
 
 LSTMState = tuple[Tensor, Tensor]
+
+logger = logging.getLogger(__name__)
 
 
 class ModelOutput(NamedTuple):
@@ -56,12 +60,47 @@ def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+def lstm_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an LSTM whose parameters and input are ``dtype`` computes in on ``device``.
+
+    Only bf16 on CUDA can lack a kernel: PyTorch's own fused cell has no bf16 version
+    (pytorch issues #116925, #88136) and cuDNN's RNNs take bf16 only from cuDNN 9.13 on, in
+    the PyTorch builds that route bf16 to it. Whether this build can is found out once per
+    GPU by running a small bf16 LSTM there; where it cannot, the LSTMs compute in fp32 on
+    fp32 copies of their bf16 weights (the rest of the model stays bf16).
+    """
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_bf16_lstm_works(device):
+        return torch.float32
+    return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_bf16_lstm_works(device: torch.device) -> bool:
+    """Runs a bf16 LSTM with a projection, plain and packed, forward and backward."""
+    try:
+        lstm = nn.LSTM(8, 16, proj_size=8, batch_first=True).to(device, torch.bfloat16)
+        x = torch.randn(2, 3, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
+        (lstm(x)[0].sum() + lstm(packed)[0].data.sum()).backward()
+        torch.cuda.synchronize(device)
+    except RuntimeError as err:
+        logger.warning("LSTMs on %s: no bf16 kernel in this build (torch %s, cuDNN %s: %s); "
+                       "they compute in fp32 on fp32 copies of their bf16 weights", device,
+                       torch.__version__, torch.backends.cudnn.version(),
+                       str(err).splitlines()[0])
+        return False
+    logger.info("LSTMs on %s compute in bf16 (cuDNN %s)", device, torch.backends.cudnn.version())
+    return True
+
+
 class LSTMLayer(nn.Module):
     """An LSTM of ``hidden_size`` units (projected to ``proj_size`` when set), then dropout.
 
     The residual connection is added when the output size equals the input size.
     ``lengths`` packs the batch so padding never enters the recurrence (needed for the
-    backward direction of a bidirectional encoder layer).
+    backward direction of a bidirectional encoder layer). Where the device has no LSTM kernel
+    for the input's dtype (bf16 on some CUDA builds, :func:`lstm_compute_dtype`) the
+    recurrence runs in fp32 and its output and state come back in the input's dtype.
     """
 
     def __init__(self, d_in: int, hidden_size: int, proj_size: int = 0, dropout: float = 0.0,
@@ -76,17 +115,31 @@ class LSTMLayer(nn.Module):
 
     def forward(self, x: Tensor, state: LSTMState | None = None,
                 lengths: Tensor | None = None) -> tuple[Tensor, LSTMState]:
-        if lengths is None:
-            out, new_state = self.lstm(x, state)
+        compute = lstm_compute_dtype(x.device, x.dtype)
+        if compute == x.dtype:
+            out, new_state = self._recur(self.lstm, x, state, lengths)
         else:
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
-                                                       enforce_sorted=False)
-            out, new_state = self.lstm(packed, state)
-            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
-                                                      total_length=x.shape[1])
+            weights = {name: p.to(compute) for name, p in self.lstm.named_parameters()}
+            out, new_state = self._recur(
+                lambda *args: torch.func.functional_call(self.lstm, weights, args),
+                x.to(compute), None if state is None else tuple(s.to(compute) for s in state),
+                lengths)
+            out = out.to(x.dtype)
+            new_state = tuple(s.to(x.dtype) for s in new_state)
         out = self.dropout(out)
         if self.residual:
             out = out + x
+        return out, new_state
+
+    @staticmethod
+    def _recur(lstm: Callable[..., Any], x: Tensor, state: LSTMState | None,
+               lengths: Tensor | None) -> tuple[Tensor, LSTMState]:
+        if lengths is None:
+            return lstm(x, state)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, new_state = lstm(packed, state)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return out, new_state
 
 

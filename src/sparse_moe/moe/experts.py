@@ -4,12 +4,16 @@ Weights are stacked over experts (``[num_experts, d_in, d_out]``) so that one gr
 runs every expert on its contiguous slice of the expert-sorted tokens, whatever the number
 of experts, and so that the stack shards cleanly across expert-parallel ranks. How the
 products are scheduled on a CPU (worker threads, a padded ``bmm``) is ``cpu_experts.py``'s
-business; this module is the networks themselves.
+business; this module is the networks themselves, and which kernel runs them on a GPU
+(:func:`expert_gemm_kernel`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +28,46 @@ from sparse_moe.moe.cpu_experts import (
     worker_grouped_matmul,
 )
 
+logger = logging.getLogger(__name__)
+
+# GPU architectures (compute capability majors: Hopper, Blackwell) on which PyTorch's
+# ``grouped_mm`` is its CUTLASS grouped kernel, for bf16 only. Elsewhere, and for fp32 or fp16
+# everywhere, the CUDA operator is a loop of one ``mm`` per group that first copies the
+# offsets to the host: it works, outside its documented contract (bf16 on SM >= 80), and
+# gains nothing over the explicit loop this module runs instead.
+CUTLASS_GROUPED_MM_MAJORS = (9, 10)
+
+
+def choose_expert_kernel(device_type: str, dtype: torch.dtype,
+                         capability: tuple[int, int] | None) -> str:
+    """``"grouped_mm"`` (one grouped GEMM) or ``"per_group"`` (one product per expert).
+
+    CPUs (and the meta device, which only infers shapes) use ``grouped_mm`` for the dtypes it
+    takes; CUDA uses it only where it is the CUTLASS kernel (bf16 on
+    ``CUTLASS_GROUPED_MM_MAJORS``); any other dtype or device loops over the experts.
+    """
+    if dtype not in GROUPED_MM_DTYPES:
+        return "per_group"
+    if device_type in ("cpu", "meta"):
+        return "grouped_mm"
+    if device_type == "cuda" and dtype == torch.bfloat16 and capability is not None \
+            and capability[0] in CUTLASS_GROUPED_MM_MAJORS:
+        return "grouped_mm"
+    return "per_group"
+
+
+@functools.lru_cache(maxsize=None)
+def expert_gemm_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """:func:`choose_expert_kernel` for a device, logged once per (device, dtype)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    kernel = choose_expert_kernel(device.type, dtype, capability)
+    if device.type not in ("cpu", "meta"):
+        logger.info("experts on %s (compute capability %s) in %s: %s", device, capability,
+                    dtype, "PyTorch's grouped GEMM" if kernel == "grouped_mm" else
+                    "one matrix product per expert (the grouped GEMM kernel is bf16 on "
+                    "compute capability 9.x/10.x only)")
+    return kernel
+
 
 def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """``out[rows of group g] = x[rows of group g] @ weight[g]``.
@@ -36,7 +80,7 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     The kernels need rows aligned to 16 bytes; odd sizes (3 experts per group, bf16 with
     d=12) are zero-padded to alignment and the result sliced back, which is exact.
     """
-    if x.dtype not in GROUPED_MM_DTYPES:
+    if expert_gemm_kernel(x.device, x.dtype) == "per_group":
         return _grouped_matmul_by_group(x, weight, offsets)
     if use_cpu_workers(x, weight.shape[0]):
         sizes = tuple(torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist())
@@ -52,8 +96,14 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
 
 
 def _grouped_matmul_by_group(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """One matmul per group, for dtypes the grouped kernel lacks (float64 gradient checks)."""
+    """One matmul per group: dtypes the grouped kernel lacks (float64 gradient checks), and
+    GPUs without the CUTLASS grouped kernel (:func:`choose_expert_kernel`)."""
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    return matmul_by_group(x, weight, sizes)
+
+
+def matmul_by_group(x: Tensor, weight: Tensor, sizes: list[int]) -> Tensor:
+    """``out[rows of group g] = x[rows of group g] @ weight[g]`` for host-side ``sizes``."""
     parts = [rows @ w for rows, w in zip(x.split(sizes), weight)]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
 
@@ -135,7 +185,18 @@ class GroupedFFNExperts(nn.Module):
         if use_padded_batches(x, tokens_per_expert):
             return padded_experts_forward(x, tokens_per_expert.to(x.device), self.weights,
                                           self.biases)
+        if expert_gemm_kernel(x.device, x.dtype) == "per_group":
+            sizes = tokens_per_expert.tolist()  # the one host copy of this pass
+            if sizes and min(sizes) == max(sizes) > 0:  # equal groups: one bmm, no padding
+                return padded_experts_forward(x, tokens_per_expert.to(x.device), self.weights,
+                                              self.biases)
+            return self._run(x, tokens_per_expert, lambda h, w: matmul_by_group(h, w, sizes))
         offsets = group_offsets(tokens_per_expert.to(x.device))
+        return self._run(x, tokens_per_expert, lambda h, w: grouped_matmul(h, w, offsets))
+
+    def _run(self, x: Tensor, tokens_per_expert: Tensor,
+             product: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """The layers, each ``product(rows, stacked weight)`` then bias and ReLU."""
         row_expert = None
         if self.biases is not None:
             row_expert = torch.repeat_interleave(
@@ -144,7 +205,7 @@ class GroupedFFNExperts(nn.Module):
         h = x
         last = len(self.weights) - 1
         for i, weight in enumerate(self.weights):
-            h = grouped_matmul(h, weight.to(h.dtype), offsets)
+            h = product(h, weight.to(h.dtype))
             if row_expert is not None:
                 h = h + self.biases[i].to(h.dtype).index_select(0, row_expert)
             if i < last:

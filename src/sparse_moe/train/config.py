@@ -49,6 +49,10 @@ class RunConfig:
     # Training on CPU: keep freed host memory for reuse (glibc malloc) instead of returning it
     # to the kernel and faulting it in again at the next step (train/host_memory.py).
     retain_host_memory: bool = True
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed workspace,
+    # cuDNN's deterministic algorithms): a GPU run then repeats bit for bit, as a CPU run
+    # always does, and a resumed run reproduces the uninterrupted one; some kernels are slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "keep_last", "max_nonfinite_steps"):

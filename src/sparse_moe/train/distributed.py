@@ -15,9 +15,11 @@ import subprocess
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from sparse_moe.parallel.startup import init_deepspeed_distributed
 
@@ -63,13 +65,47 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     """
     fill_launcher_environment()
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = local_gpu_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     init_deepspeed_distributed(backend, timeout=timedelta(minutes=timeout_minutes))
     return device
+
+
+def local_gpu_index(local_rank: int, visible: int) -> int:
+    """This process's GPU: its local rank, or the only GPU it sees.
+
+    Launchers that bind one GPU to each task (``srun --gpus-per-task=1``, or
+    ``CUDA_VISIBLE_DEVICES`` set per task) leave each process one visible device whatever
+    its local rank; with several visible, each local rank needs its own.
+    """
+    if visible == 1 or local_rank < visible:
+        return 0 if visible == 1 else local_rank
+    raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}):"
+                       f" expected one GPU per process, or at least LOCAL_RANK + 1 visible; "
+                       f"start at most {visible} processes per node")
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device whose tensors the group's backend reduces: NCCL takes CUDA tensors only."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_host(values: Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None) -> Tensor:
+    """All-reduces a host tensor in place, through the backend's device (bookkeeping: losses
+    summed over an evaluation, flags, logged metrics), and returns it."""
+    device = collective_device(group)
+    if device.type == "cpu":
+        dist.all_reduce(values, op=op, group=group)
+        return values
+    on_device = values.to(device)
+    dist.all_reduce(on_device, op=op, group=group)
+    return values.copy_(on_device.cpu())
 
 
 

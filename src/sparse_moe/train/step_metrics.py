@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from sparse_moe.parallel import ExpertParallelConfig, routing_metrics
+from sparse_moe.train.distributed import all_reduce_host
 
 
 @dataclass
@@ -64,7 +64,7 @@ class StepMetrics:
     def _average_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         keys = sorted(metrics)
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
+        all_reduce_host(values)
         return {k: float(v) / self.world for k, v in zip(keys, values)}
 
     def _dispatch_metrics(self) -> dict[str, float]:

@@ -33,6 +33,7 @@ from sparse_moe.models import (
 from sparse_moe.models.presets import LM_PRESETS, TRANSLATION_PRESETS
 from sparse_moe.moe.noise import keyed_noise
 from sparse_moe.train.config import TrainConfig
+from sparse_moe.train.distributed import all_reduce_host
 
 IGNORE = -100
 SPECIALISATION_BATCHES = 50
@@ -50,6 +51,19 @@ class Task(Protocol):
     def forward(self, engine: Any, inputs: tuple[Tensor, ...], targets: Tensor) -> ModelOutput: ...
 
     def evaluate(self, engine: Any, device: torch.device, run_dir: Path) -> dict[str, float]: ...
+
+
+def batch_to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A batch's array as a tensor on ``device``.
+
+    On a GPU the copy starts from pinned memory without blocking the host, so the host goes on
+    to queue the forward pass while it runs (PyTorch's pinned-memory pool keeps the buffer until
+    the copy is done). On the CPU the tensor shares the array's memory.
+    """
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def make_task(config: TrainConfig, corpus: Corpus, tokenizer: Any, rank: int, world: int) -> Task:
@@ -138,8 +152,8 @@ class LanguageModelTask:
         return self.reader(self.config.data.train_split)
 
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
-        inputs = torch.from_numpy(batch.inputs).to(device)
-        return (inputs,), torch.from_numpy(batch.targets).to(device)
+        inputs = batch_to_device(batch.inputs, device)
+        return (inputs,), batch_to_device(batch.targets, device)
 
     def forward(self, engine: Any, inputs: tuple[Tensor, ...], targets: Tensor) -> ModelOutput:
         """The model scores its own targets: the softmax it trains with may be sampled, and
@@ -201,7 +215,7 @@ class LanguageModelTask:
             nll = self.forward(engine, inputs, targets).token_nll
             totals += torch.tensor([float(nll.double().sum()), float((targets != IGNORE).sum())],
                                    dtype=torch.float64)
-        dist.all_reduce(totals)
+        all_reduce_host(totals)
         return float(totals[0]), float(totals[1])
 
     def specialisation_batches(self, split: str) -> Iterator[Tensor]:
@@ -277,8 +291,8 @@ class TranslationTask:
 
     def model_inputs(self, batch: Any, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
         """Source, ``BOS + target[:-1]``, and targets with padding ignored."""
-        source = torch.from_numpy(batch.source).to(device)
-        target = torch.from_numpy(batch.target).to(device)
+        source = batch_to_device(batch.source, device)
+        target = batch_to_device(batch.target, device)
         bos = torch.full_like(target[:, :1], self.bos_id)
         target_in = torch.cat([bos, target[:, :-1]], dim=1)
         return (source, target_in), target.masked_fill(target == self.corpus.pad_id, IGNORE)
@@ -299,7 +313,7 @@ class TranslationTask:
             for batch in reader:
                 inputs, targets = self.model_inputs(batch, device)
                 totals += _summed_nll(engine(*inputs).logits, targets)
-            dist.all_reduce(totals)
+            all_reduce_host(totals)
             results[f"{split}/cross_entropy"] = float(totals[0] / totals[1])
             results[f"{split}/perplexity"] = float(np.exp(totals[0] / totals[1]))
             results[f"{split}/bleu"] = self._bleu(engine.module, split, device, run_dir)
@@ -310,7 +324,7 @@ class TranslationTask:
         """Corpus BLEU of beam-search output on this split, over every rank's share."""
         hypotheses, references = [], []
         for batch in _limited(self.reader(split, shuffle=False), self.config.run.eval_batches):
-            source = torch.from_numpy(batch.source).to(device)
+            source = batch_to_device(batch.source, device)
             decode = self.config.decode
             outputs = beam_search(model, source, decode.beam_size, decode.max_length,
                                   alpha=decode.length_penalty, all_finished=_all_ranks_finished)
@@ -342,7 +356,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 def _all_ranks_finished(finished: Tensor) -> bool:
     """Decoding stops when every rank's beams are done: MoE layers need all ranks in step."""
     flag = torch.tensor([0 if bool(finished.all()) else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    all_reduce_host(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
 
 

@@ -49,6 +49,7 @@ from sparse_moe.parallel import (
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (
+    all_reduce_host,
     describe_collective_failure,
     init_distributed,
     is_collective_failure,
@@ -103,13 +104,26 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        all_reduce_host(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A well-mixed seed for one micro-step of one rank (independent of history)."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def use_deterministic_kernels() -> None:
+    """``run.deterministic``: kernels that give the same bits every run.
+
+    Atomic additions (scatter-adds of the MoE combine and of embedding gradients) and cuBLAS's
+    split reductions otherwise sum in an order that changes between runs on a GPU. Kernels
+    with no deterministic version warn instead of failing (``warn_only``).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def build_rank_model(task: Any, config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -136,6 +150,8 @@ class Trainer:
         self.config = config
         self.preemption = PreemptionFlag()  # before start-up: a signal then is not lost
         self.phase = "start-up"
+        if config.run.deterministic:
+            use_deterministic_kernels()  # before CUDA starts: cuBLAS reads its workspace then
         self.device = init_distributed(config.run.collective_timeout_minutes)
         if self.device.type == "cpu" and config.run.retain_host_memory:
             retain_freed_host_memory()  # before the model, engine and buffers are allocated
