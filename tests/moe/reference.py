@@ -87,9 +87,9 @@ def hierarchical_reference(x, primary_gate, primary_noise_w, w_gate, w_noise, no
     a, _, b = w_gate.shape
     g1, load1_rows = gate_and_load(x, primary_gate, primary_noise_w, noise1, k1, eps)
     experts = expert_outputs(x, weights, biases).reshape(x.shape[0], a, b, -1)
-    y = torch.zeros(x.shape[0], experts.shape[-1], dtype=x.dtype)
-    importance = torch.zeros(a, b, dtype=x.dtype)
-    load = torch.zeros(a, b, dtype=x.dtype)
+    y = x.new_zeros(x.shape[0], experts.shape[-1])
+    importance = x.new_zeros(a, b)
+    load = x.new_zeros(a, b)
     for i in range(a):
         wn = None if w_noise is None else w_noise[i]
         nz = None if noise2 is None else noise2[:, i]

@@ -27,17 +27,20 @@ def free_port() -> int:
 
 
 def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
-           results: Any, collective_timeout: float, args: tuple) -> None:
+           results: Any, collective_timeout: float, args: tuple, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+                      LOCAL_WORLD_SIZE=str(world_size),
+                      DS_ACCELERATOR="cuda" if backend == "nccl" else "cpu")
     try:
         import torch
 
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         from sparse_moe.parallel.startup import init_deepspeed_distributed
 
-        init_deepspeed_distributed("gloo", timeout=timedelta(seconds=collective_timeout))
+        init_deepspeed_distributed(backend, timeout=timedelta(seconds=collective_timeout))
         # pickled here by value: torch's queue would share tensors through file descriptors
         # that vanish when this process exits
         results.put((rank, "ok", pickle.dumps(worker(rank, world_size, *args))))
@@ -46,13 +49,18 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
 
 
 def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
-                    timeout: float = 150.0, collective_timeout: float = 60.0) -> list[Any]:
-    """Returns every rank's result, in rank order; raises if a rank failed or hung."""
+                    timeout: float = 150.0, collective_timeout: float = 60.0,
+                    backend: str = "gloo") -> list[Any]:
+    """Returns every rank's result, in rank order; raises if a rank failed or hung.
+
+    ``backend="nccl"`` gives rank r GPU r (CUDA tests); gloo runs on the CPU.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, daemon=True,
-                         args=(worker, rank, world_size, port, results, collective_timeout, args))
+                         args=(worker, rank, world_size, port, results, collective_timeout, args,
+                               backend))
              for rank in range(world_size)]
     for proc in procs:
         proc.start()

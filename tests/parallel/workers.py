@@ -105,8 +105,12 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.0 if a.numel() == 0 else float((a.detach().double() - b.detach().double()).abs().max())
 
 
-def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int) -> dict[str, Any]:
-    """Forward + backward of the sharded layer against the reference; returns differences."""
+def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Forward + backward of the sharded layer against the reference; returns differences.
+
+    ``device="cuda"``: both layers and every tensor on this rank's GPU (NCCL).
+    """
     cfg = MoEConfig(**scenario.config)
     gen = torch.Generator().manual_seed(scenario.seed)
     torch.manual_seed(scenario.seed)
@@ -119,11 +123,15 @@ def run_scenario(scenario: Scenario, rank: int, world: int, ep_size: int) -> dic
     parallel = ExpertParallelConfig(ep_size=ep_size, capacity_factor=scenario.capacity_factor,
                                     time_communication=scenario.time_communication)
     dispatcher = shard_experts(layer, groups, parallel)
+    on = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    layer.to(on)
+    reference.to(on)
 
     total = sum(scenario.rows_per_rank)
-    x = torch.randn(total, D_MODEL, generator=gen)
-    out_grad = torch.randn(total, cfg.d_out, generator=gen)
+    x = torch.randn(total, D_MODEL, generator=gen).to(on)
+    out_grad = torch.randn(total, cfg.d_out, generator=gen).to(on)
     noise = _make_noise(cfg, scenario, total, gen) if cfg.gating != "strict_balanced" else None
+    noise = _to(noise, on)
     rows = _rank_rows(scenario, rank)
 
     x_ref = x.clone().requires_grad_(True)
@@ -203,9 +211,16 @@ def deadlock_worker(rank: int, world: int) -> None:
         time.sleep(30)
 
 
-def equivalence_worker(rank: int, world: int, ep_size: int,
-                       scenarios: list[Scenario]) -> dict[str, dict[str, Any]]:
-    return {s.name: run_scenario(s, rank, world, ep_size) for s in scenarios}
+def equivalence_worker(rank: int, world: int, ep_size: int, scenarios: list[Scenario],
+                       device: str = "cpu") -> dict[str, dict[str, Any]]:
+    return {s.name: run_scenario(s, rank, world, ep_size, device) for s in scenarios}
+
+
+def _to(noise, device: torch.device):
+    """Fixed noise (a tensor, a pair of tensors, or None) on ``device``."""
+    if noise is None or isinstance(noise, torch.Tensor):
+        return None if noise is None else noise.to(device)
+    return tuple(n.to(device) for n in noise)
 
 
 def capacity_worker(rank: int, world: int, ep_size: int, capacity_factor: float

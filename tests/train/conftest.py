@@ -51,8 +51,10 @@ def _free_port() -> int:
 
 
 def run_training(overrides: list[str], nproc: int = 1, timeout: int = 240,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+                 check: bool = True, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
+               **(env or {}))
     proc = subprocess.run(train_command(nproc) + overrides, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
     if check and proc.returncode != 0:
