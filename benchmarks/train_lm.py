@@ -33,7 +33,7 @@ from wikitext import build_corpus  # noqa: E402  (benchmarks/wikitext.py)
 
 
 def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, work: Path,
-                  checkpointing: bool = False) -> dict:
+                  checkpointing: bool = False, extra: tuple[str, ...] = ()) -> dict:
     run_dir = work / name
     command = [sys.executable, "-m", "sparse_moe.train", f"data.corpus={corpus}",
                f"data.tokenizer={tokenizer}", f"run.dir={run_dir}", f"run.steps={args.steps}",
@@ -42,7 +42,7 @@ def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, w
                f"data.seq_len={args.seq_len}", f"model.preset={preset}",
                f"model.activation_checkpointing={str(checkpointing).lower()}",
                "optimizer.name=factored_adam", "optimizer.lr=1e-3", "schedule.warmup_steps=10",
-               "tracking.wandb=false"]
+               "tracking.wandb=false", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     started = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -55,7 +55,8 @@ def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, w
     steady = rates[1:] or rates
     summary = json.loads((run_dir / "summary.json").read_text())  # the trainer's own VmHWM
     return {"tokens_per_second": statistics.median(steady),
-            "peak_rss_mib": summary["peak_host_memory_mib"], "wall_seconds": time.time() - started}
+            "peak_rss_mib": summary["peak_host_memory_mib"], "wall_seconds": time.time() - started,
+            "peak_device_mib": summary.get("peak_device_memory_mib")}
 
 
 def main() -> None:
