@@ -102,17 +102,55 @@ def test_cpu_only_expert_paths_are_off_on_other_devices():
     assert not use_padded_batches(x, torch.full((4,), 16))
 
 
-@pytest.mark.parametrize("local_rank,visible,index", [(0, 1, 0), (3, 1, 0), (3, 8, 3), (0, 8, 0)])
-def test_each_process_gets_its_gpu(local_rank, visible, index):
-    assert local_gpu_index(local_rank, visible) == index
+@pytest.mark.parametrize("local_rank,visible", [(0, 1), (3, 8), (0, 8), (7, 8)])
+def test_each_process_gets_the_gpu_of_its_local_rank(local_rank, visible):
+    assert local_gpu_index(local_rank, visible) == local_rank
 
 
-def test_too_few_gpus_for_the_local_ranks_is_named():
-    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=4 but this process sees 2 GPUs"):
-        local_gpu_index(4, 2)
+@pytest.mark.parametrize("local_rank,visible", [(4, 2), (3, 1)])
+def test_a_process_that_cannot_see_its_gpu_is_told_what_to_change(local_rank, visible):
+    with pytest.raises(RuntimeError, match=rf"LOCAL_RANK={local_rank} but this process sees "
+                                           rf"{visible} GPU\(s\).*--gpus-per-node"):
+        local_gpu_index(local_rank, visible)
 
 
 def test_batches_reach_the_cpu_unchanged():
     array = np.arange(12, dtype=np.int64).reshape(3, 4)
     tensor = batch_to_device(array, torch.device("cpu"))
     assert tensor.dtype == torch.int64 and tensor.tolist() == array.tolist()
+
+
+def test_the_bf16_lstm_probe_runs_in_evaluation_and_leaves_the_generator_alone():
+    """The probe needs gradients even when the first LSTM runs under no_grad, and draws no
+    number from the generators the trainer reseeds (a resumed run would differ)."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        layers.probe_bf16_lstm(torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_failing_probe_means_fp32_and_says_so(monkeypatch, caplog):
+    def no_kernel(device):
+        raise RuntimeError('"_thnn_fused_lstm_cell_cuda" not implemented for \'BFloat16\'')
+
+    monkeypatch.setattr(layers, "probe_bf16_lstm", no_kernel)
+    probe = layers._cuda_bf16_lstm_works.__wrapped__
+    with caplog.at_level("WARNING", logger=layers.__name__):
+        assert probe(torch.device("cpu")) is False
+    assert "no bf16 kernel" in caplog.text and "_thnn_fused_lstm_cell_cuda" in caplog.text
+    monkeypatch.setattr(layers, "probe_bf16_lstm", lambda device: None)
+    assert probe(torch.device("cpu")) is True
+
+
+def test_an_operand_viewed_off_16_bytes_is_copied_for_the_grouped_kernel():
+    """A bf16 weight viewed into a flat buffer one element in (as after a parameter of odd
+    size) starts on 2 bytes; the grouped kernel gets an aligned copy with the same values."""
+    flat = torch.randn(1 + 4 * 8 * 16).to(BF16)
+    weight = flat[1:].view(4, 8, 16)
+    assert weight.data_ptr() % 16 == 2
+    copied = experts.aligned_to_16_bytes(weight)
+    assert copied.data_ptr() % 16 == 0 and torch.equal(copied, weight)
+    aligned = flat[8:8 + 4 * 8 * 15].view(4, 8, 15)
+    assert experts.aligned_to_16_bytes(aligned) is aligned  # nothing copied when not needed

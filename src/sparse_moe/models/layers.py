@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -76,21 +77,38 @@ def lstm_compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_bf16_lstm_works(device: torch.device) -> bool:
-    """Runs a bf16 LSTM with a projection, plain and packed, forward and backward."""
+    """Whether :func:`probe_bf16_lstm` runs on ``device``; logs the choice."""
     try:
-        lstm = nn.LSTM(8, 16, proj_size=8, batch_first=True).to(device, torch.bfloat16)
-        x = torch.randn(2, 3, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
-        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
-        (lstm(x)[0].sum() + lstm(packed)[0].data.sum()).backward()
-        torch.cuda.synchronize(device)
+        probe_bf16_lstm(device)
     except RuntimeError as err:
         logger.warning("LSTMs on %s: no bf16 kernel in this build (torch %s, cuDNN %s: %s); "
                        "they compute in fp32 on fp32 copies of their bf16 weights", device,
                        torch.__version__, torch.backends.cudnn.version(),
-                       str(err).splitlines()[0])
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        # cuDNN then copies the cast weights into one buffer at each call, as intended here
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
         return False
     logger.info("LSTMs on %s compute in bf16 (cuDNN %s)", device, torch.backends.cudnn.version())
     return True
+
+
+def probe_bf16_lstm(device: torch.device) -> None:
+    """A small bf16 LSTM (with a projection, plain and packed) forward and backward on
+    ``device``; raises where it cannot run.
+
+    Gradients are on whatever the caller's mode (the first LSTM may run in an evaluation),
+    and the random number generators are left as they were: the trainer's draws (dropout,
+    gating noise) must not depend on whether this process has probed yet, or a resumed run
+    would differ from the uninterrupted one.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.enable_grad():
+        lstm = nn.LSTM(8, 16, proj_size=8, batch_first=True).to(device, torch.bfloat16)
+        x = torch.randn(2, 3, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]), batch_first=True)
+        (lstm(x)[0].sum() + lstm(packed)[0].data.sum()).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 class LSTMLayer(nn.Module):

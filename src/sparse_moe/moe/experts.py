@@ -91,8 +91,20 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     if pad_in or pad_out:
         x = F.pad(x, (0, pad_in))
         weight = F.pad(weight, (0, pad_out, 0, pad_in))
+    if x.device.type == "cuda":
+        x, weight = aligned_to_16_bytes(x), aligned_to_16_bytes(weight)
     out = F.grouped_mm(x, weight, offs=offsets)
     return out[:, :d_out] if pad_out else out
+
+
+def aligned_to_16_bytes(t: Tensor) -> Tensor:
+    """``t``, copied when its storage does not start on 16 bytes.
+
+    The CUDA grouped kernel requires it of its operands. A bf16 expert weight that DeepSpeed
+    views into a flat buffer (ZeRO, bf16) starts wherever the parameters before it end, which
+    after an odd-sized one (a softmax bias over an odd vocabulary) is not on 16 bytes.
+    """
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _grouped_matmul_by_group(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:

@@ -75,18 +75,22 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
 
 
 def local_gpu_index(local_rank: int, visible: int) -> int:
-    """This process's GPU: its local rank, or the only GPU it sees.
+    """This process's GPU: the one its ``LOCAL_RANK`` names among those it sees.
 
-    Launchers that bind one GPU to each task (``srun --gpus-per-task=1``, or
-    ``CUDA_VISIBLE_DEVICES`` set per task) leave each process one visible device whatever
-    its local rank; with several visible, each local rank needs its own.
+    DeepSpeed too picks the GPU by ``LOCAL_RANK`` (its process group's ``device_id``, its
+    engine's device), so a process must see GPU ``LOCAL_RANK``. Launchers that bind one GPU
+    to each task (``srun --gpus-per-task=1``, ``CUDA_VISIBLE_DEVICES`` set per task) leave
+    local rank 3 a single GPU, numbered 0: that is refused here with what to change, before
+    NCCL fails on a device that does not exist.
     """
-    if visible == 1 or local_rank < visible:
-        return 0 if visible == 1 else local_rank
-    raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
-                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}):"
-                       f" expected one GPU per process, or at least LOCAL_RANK + 1 visible; "
-                       f"start at most {visible} processes per node")
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); DeepSpeed selects the GPU by "
+        f"LOCAL_RANK, so every process of a node must see all of the node's GPUs: launch with "
+        f"--gpus-per-node instead of --gpus-per-task or per-task GPU binding (the sbatch "
+        f"templates in slurm/ do), or start at most {visible} process(es) per node")
 
 
 def collective_device(group: Any = None) -> torch.device:
