@@ -6,8 +6,8 @@ The reference is an uninterrupted run of the same command. Kill points are named
 the write path (``SPARSE_MOE_DATA_FAULT_AT``) plus SIGKILLs at random moments of a longer
 run. A full disk is simulated by a file object whose ``write`` raises ENOSPC (a real small
 filesystem needs privileges CI does not have); an unwritable directory is a real
-``chmod 555`` directory, written by an unprivileged user when the tests run as root (root
-ignores permissions).
+``chmod 555`` directory, written without the power to override permissions when the tests
+run as root (root otherwise ignores them).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from sparse_moe.data import indexed, verify_corpus
 from sparse_moe.data.indexed import FAULT_AT_ENV, FAULT_POINTS
 
 from .helpers import REPO, SHARED, manifest
-
-NOBODY = 65534
 
 
 def _encode_command(text: Path, model: str, out: Path, shard_size: str) -> list[str]:
@@ -179,39 +177,39 @@ def test_disk_full_names_the_file_keeps_finished_shards_and_resumes(
 
 
 def _unprivileged(command: list[str]) -> list[str]:
-    """The command run as an unprivileged user when the tests run as root."""
+    """The command without the power to override file permissions, when the tests run as root.
+
+    Root keeps its user id but loses ``CAP_DAC_OVERRIDE`` and ``CAP_DAC_READ_SEARCH`` (from
+    the bounding set, so the command never gains them): a folder's mode bits then bind it as
+    they bind its owner. It still reads the checkout and its virtual environment as their
+    owner, whatever they grant others, so the test does not depend on where the checkout
+    lives or with what permissions.
+    """
     if os.geteuid() != 0:
         return command
     setpriv = shutil.which("setpriv")
-    assert setpriv, "running as root needs util-linux's setpriv to drop privileges"
-    dropped = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    _assert_readable_by_unprivileged_user(dropped)
+    assert setpriv, "running as root needs util-linux's setpriv to drop capabilities"
+    dropped = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    _assert_runs_without_override(dropped)
     return [*dropped, *command]
 
 
-def _assert_readable_by_unprivileged_user(dropped: list[str]) -> None:
-    """The checkout and its virtual environment must be readable by the unprivileged user.
-
-    Otherwise the command fails to start for a reason that has nothing to do with what the
-    test checks; say so instead of failing on the command's output.
-    """
+def _assert_runs_without_override(dropped: list[str]) -> None:
+    """data_prep must start under the dropped capabilities; otherwise say why, instead of
+    failing on the command's output for a reason that has nothing to do with the test."""
     probe = subprocess.run([*dropped, sys.executable, "-c", "import data_prep.cli"],
                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                            text=True, timeout=120, cwd="/")
     if probe.returncode != 0:
-        unreadable = [str(p) for p in [*reversed(REPO.parents), REPO]
-                      if not (p.stat().st_mode & 0o005) == 0o005]
-        pytest.fail(f"this test runs data_prep as user {NOBODY} (nobody), who cannot import it "
-                    f"from the checkout {REPO} with {sys.executable}: "
-                    f"{probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}. "
-                    f"Folders not readable and searchable by others: {unreadable or 'none'}; "
-                    "make the checkout readable by others (chmod o+rx on each) to run it",
-                    pytrace=False)
+        detail = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode
+        pytest.fail(f"this test runs data_prep as root without CAP_DAC_OVERRIDE (setpriv "
+                    f"--bounding-set), which could not import it from {REPO} with "
+                    f"{sys.executable}: {detail}. The checkout must be owned by, or readable "
+                    f"to, the user running the tests", pytrace=False)
 
 
 def test_unwritable_output_names_the_path_and_keeps_finished_shards(wt_file, spm_model,
                                                                      small_reference):
-    # Outside pytest's private tmp directory, so that an unprivileged user can read it.
     root = Path(tempfile.mkdtemp(prefix="sparse-moe-ro-"))
     try:
         root.chmod(0o755)
