@@ -115,7 +115,8 @@ def environment_rows(args) -> list[Row]:
         return rows + [Row("environment", "device", "cpu", note="no GPU measured")]
     name = torch.cuda.get_device_name(0)
     major, minor = torch.cuda.get_device_capability(0)
-    nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
+    nccl = torch.cuda.nccl.version()  # a tuple (2, 27, 3); an int in older builds
+    nccl = ".".join(str(v) for v in nccl) if isinstance(nccl, tuple) else str(nccl)
     peak = args.peak_tflops or peak_tflops(name)
     return rows + [
         Row("environment", "GPU", name, note=f"{torch.cuda.device_count()} visible"),

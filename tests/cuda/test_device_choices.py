@@ -41,6 +41,12 @@ def test_expert_kernel_per_device_dtype_and_architecture(device, dtype, capabili
     assert choose_expert_kernel(device, dtype, capability) == kernel
 
 
+def test_a_torch_without_grouped_mm_loops_over_the_experts(monkeypatch):
+    monkeypatch.setattr(experts, "HAS_GROUPED_MM", False)
+    assert choose_expert_kernel("cuda", BF16, (9, 0)) == "per_group"
+    assert choose_expert_kernel("cpu", FP32, None) == "per_group"
+
+
 @pytest.mark.parametrize("counts,bias", [([3, 0, 5, 1], True), ([0, 0, 7, 0, 2, 0], False),
                                          ([4, 4, 4, 4], True)])
 def test_per_expert_products_equal_the_loop(counts, bias, monkeypatch):

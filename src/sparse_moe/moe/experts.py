@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # offsets to the host: it works, outside its documented contract (bf16 on SM >= 80), and
 # gains nothing over the explicit loop this module runs instead.
 CUTLASS_GROUPED_MM_MAJORS = (9, 10)
+# The public ``torch.nn.functional.grouped_mm`` (PyTorch 2.9 and later); older builds loop.
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 def choose_expert_kernel(device_type: str, dtype: torch.dtype,
@@ -46,7 +48,7 @@ def choose_expert_kernel(device_type: str, dtype: torch.dtype,
     takes; CUDA uses it only where it is the CUTLASS kernel (bf16 on
     ``CUTLASS_GROUPED_MM_MAJORS``); any other dtype or device loops over the experts.
     """
-    if dtype not in GROUPED_MM_DTYPES:
+    if dtype not in GROUPED_MM_DTYPES or not HAS_GROUPED_MM:
         return "per_group"
     if device_type in ("cpu", "meta"):
         return "grouped_mm"
