@@ -11,7 +11,8 @@ Sections, each bounded in time and reported as a row even when it fails:
   expert gemm  the experts' product (``sparse_moe.moe.experts.grouped_matmul``) in TFLOP/s,
                against one dense GEMM of the per-expert shape and the GPU's bf16 peak
   training     MoE-32 against MoE-1-Wide (the same multiply-adds, no routing): tokens/s of
-               real bf16 ZeRO-1 runs (benchmarks/train_lm.py), and model FLOPs utilisation
+               real bf16 ZeRO-1 runs (benchmarks/train_lm.py), model FLOPs utilisation (the
+               planner's multiply-adds), and each run's peak memory against the planner's
 
 Targets (from the GPU readiness issue): the expert GEMM at least 0.85 of the dense GEMM with
 512 rows or more per expert; the layer at most 1.15x the dense ideal up to 64 experts;
@@ -231,45 +232,73 @@ def gemm_rows(args, peak: float | None) -> list[Row]:
     return rows
 
 
-def training_flops_per_token(preset: str, vocab_size: int) -> float:
-    """6 x the multiply-adds per token (forward, and backward twice), the softmax included."""
-    from sparse_moe.models.budget import preset_budget
-    from sparse_moe.models.presets import lm_preset
+def contender_plan(overrides: list[str], device: str, vocab_size: int | None = None):
+    """The planner's view of one process running ``overrides``: multiply-adds and memory."""
+    import contextlib
 
-    config = lm_preset(preset, vocab_size)
-    return 6.0 * (preset_budget(preset, vocab_size).ops_per_timestep + config.d_model * vocab_size)
+    from sparse_moe.plan.cli import build_parser, make_plan
+
+    argv = [*overrides, "--world", "1", "--device", device]
+    if vocab_size is not None:
+        argv += ["--vocab-size", str(vocab_size)]
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to stdout
+        return make_plan(build_parser().parse_intermixed_args(argv))
+
+
+def flops_per_token(plan) -> float:
+    """Training FLOPs per token: 2 per multiply-add of the planner's count (forward and
+    backward as 3 x forward, the softmax included; one micro-step a step here)."""
+    return 2.0 * plan.multiply_adds_per_step / plan.tokens_per_micro_batch
+
+
+def memory_note(result: dict, plan, device: str) -> str:
+    """The run's peak beside the plan: on GPUs the allocator's peak against the plan's
+    tensors (the CUDA context is outside both), on CPU the resident peak against the total."""
+    mib = 2**20
+    if device == "cuda" and result.get("peak_device_mib"):
+        tensors = (plan.bytes_per_rank["total"] - plan.bytes_per_rank["framework"]) / mib
+        return (f"peak {result['peak_device_mib']:,.0f} MiB allocated, "
+                f"{result['peak_device_reserved_mib']:,.0f} reserved; plan {tensors:,.0f} MiB of "
+                f"tensors ({result['peak_device_mib'] / tensors:.2f}x)")
+    total = plan.bytes_per_rank["total"] / mib
+    return (f"peak {result['peak_rss_mib']:,.0f} MiB resident; plan {total:,.0f} MiB "
+            f"({result['peak_rss_mib'] / total:.2f}x)")
 
 
 def training_rows(args, peak: float | None) -> list[Row]:
-    from train_lm import run_contender
+    from train_lm import contender_overrides, run_contender
     from wikitext import build_corpus
 
     sizes = args.sizes
     extra = ("deepspeed.config=ds_configs/zero1_bf16.json",) if args.device == "cuda" else ()
-    env_args = argparse.Namespace(steps=args.train_steps, log_every=max(1, args.train_steps // 4),
+    run_args = argparse.Namespace(steps=args.train_steps, log_every=max(1, args.train_steps // 4),
                                   batch=sizes["batch"], seq_len=sizes["seq_len"])
+    results, plans = {}, {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         work_dir = Path(work)
         corpus, tokenizer = build_corpus(work_dir, sizes["vocab_size"], sizes["train_bytes"])
-        results = {name: run_contender(name, name, env_args, corpus, tokenizer, work_dir,
-                                       extra=extra) for name in (sizes["moe"], sizes["dense"])}
+        for name in (sizes["moe"], sizes["dense"]):
+            overrides = contender_overrides(name, run_args, corpus, tokenizer, work_dir / name,
+                                            extra=extra)
+            plans[name] = contender_plan(overrides, args.device)
+            results[name] = run_contender(name, name, run_args, corpus, tokenizer, work_dir,
+                                          extra=extra)
     dense = results[sizes["dense"]]
     rows = []
     for name, result in results.items():
         if "error" in result:
             rows.append(Row("training", name, "error", note=result["error"]))
             continue
-        flops = training_flops_per_token(name, sizes["vocab_size"]) * result["tokens_per_second"]
+        flops = flops_per_token(plans[name]) * result["tokens_per_second"]
         mfu = f"MFU {flops / (peak * 1e12):.1%}" if peak else f"{flops / 1e12:.3g} TFLOP/s"
         versus = ""
         if name == sizes["moe"] and "error" not in dense:
             versus = f"{result['tokens_per_second'] / dense['tokens_per_second']:.2f}x " \
                      f"{sizes['dense']} (target >= 0.9)"
-        memory = result.get("peak_device_mib")
         rows.append(Row("training", name, f"{result['tokens_per_second']:,.0f} tokens/s", versus,
                         f"{mfu}; {'bf16 ZeRO-1' if extra else 'fp32'}, batch {sizes['batch']} x "
-                        f"{sizes['seq_len']}, vocab {sizes['vocab_size']}"
-                        + (f", peak {memory:,.0f} MiB" if memory else "")))
+                        f"{sizes['seq_len']}, vocab {sizes['vocab_size']}; "
+                        + memory_note(result, plans[name], args.device)))
     return rows
 
 

@@ -32,17 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 from wikitext import build_corpus  # noqa: E402  (benchmarks/wikitext.py)
 
 
+def contender_overrides(preset: str, args, corpus: Path, tokenizer: Path, run_dir: Path,
+                        checkpointing: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``sparse-moe-train`` overrides of one contender (also what the planner reads)."""
+    return [f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", f"run.dir={run_dir}",
+            f"run.steps={args.steps}", f"run.log_every={args.log_every}", "run.progress=false",
+            "run.keep_last=1", "data.eval_splits=[]", f"data.micro_batch_size={args.batch}",
+            f"data.seq_len={args.seq_len}", f"model.preset={preset}",
+            f"model.activation_checkpointing={str(checkpointing).lower()}",
+            "optimizer.name=factored_adam", "optimizer.lr=1e-3", "schedule.warmup_steps=10",
+            "tracking.wandb=false", *extra]
+
+
 def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, work: Path,
                   checkpointing: bool = False, extra: tuple[str, ...] = ()) -> dict:
     run_dir = work / name
-    command = [sys.executable, "-m", "sparse_moe.train", f"data.corpus={corpus}",
-               f"data.tokenizer={tokenizer}", f"run.dir={run_dir}", f"run.steps={args.steps}",
-               f"run.log_every={args.log_every}", "run.progress=false", "run.keep_last=1",
-               "data.eval_splits=[]", f"data.micro_batch_size={args.batch}",
-               f"data.seq_len={args.seq_len}", f"model.preset={preset}",
-               f"model.activation_checkpointing={str(checkpointing).lower()}",
-               "optimizer.name=factored_adam", "optimizer.lr=1e-3", "schedule.warmup_steps=10",
-               "tracking.wandb=false", *extra]
+    command = [sys.executable, "-m", "sparse_moe.train",
+               *contender_overrides(preset, args, corpus, tokenizer, run_dir, checkpointing, extra)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     started = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -56,7 +62,8 @@ def run_contender(name: str, preset: str, args, corpus: Path, tokenizer: Path, w
     summary = json.loads((run_dir / "summary.json").read_text())  # the trainer's own VmHWM
     return {"tokens_per_second": statistics.median(steady),
             "peak_rss_mib": summary["peak_host_memory_mib"], "wall_seconds": time.time() - started,
-            "peak_device_mib": summary.get("peak_device_memory_mib")}
+            "peak_device_mib": summary.get("peak_device_memory_mib"),
+            "peak_device_reserved_mib": summary.get("peak_device_reserved_mib")}
 
 
 def main() -> None:

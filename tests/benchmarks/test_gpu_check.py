@@ -69,13 +69,32 @@ def test_table_columns_line_up():
     assert [line.split("|")[3].strip() for line in lines[2:]] == ["1.00 ms", "NVIDIA H200"]
 
 
+def _plan(preset: str, *extra: str):
+    return gpu_check.contender_plan([f"model.preset={preset}", "data.micro_batch_size=4",
+                                     "data.seq_len=16", *extra], "cuda", vocab_size=8000)
+
+
 def test_model_flops_of_the_compute_matched_pair_agree():
     """MoE-1-Wide is built to do MoE-32's multiply-adds per token (k=4 experts of 1024 units
-    against one of 4096), so their training FLOPs per token agree, softmax included."""
-    moe = gpu_check.training_flops_per_token("moe-32", 8000)
-    wide = gpu_check.training_flops_per_token("moe-1-wide", 8000)
+    against one of 4096), so their training FLOPs per token agree, softmax included; the
+    count is 6 x (the LSTMs' 4 gates of 512 x 1024 each, twice, and 4 experts of 512 x 1024
+    x 2) plus the softmax, per token, within the gates' small share."""
+    moe = gpu_check.flops_per_token(_plan("moe-32"))
+    wide = gpu_check.flops_per_token(_plan("moe-1-wide"))
     assert moe == pytest.approx(wide, rel=0.05)
-    assert moe > 6 * 512 * 8000  # the softmax alone
+    by_hand = 6 * (2 * 4 * 512 * 1024 + 4 * 2 * 512 * 1024 + 512 * 8000)
+    assert moe == pytest.approx(by_hand, rel=0.05)
+
+
+def test_memory_notes_compare_like_with_like():
+    plan = _plan("moe-32", "deepspeed.config=ds_configs/zero1_bf16.json")
+    tensors = (plan.bytes_per_rank["total"] - plan.bytes_per_rank["framework"]) / 2**20
+    gpu = gpu_check.memory_note({"peak_device_mib": tensors * 1.1,
+                                 "peak_device_reserved_mib": tensors * 1.3}, plan, "cuda")
+    assert gpu.endswith("(1.10x)") and "allocated" in gpu and "reserved" in gpu
+    cpu = gpu_check.memory_note({"peak_rss_mib": plan.bytes_per_rank["total"] / 2**20 / 2}, plan,
+                                "cpu")
+    assert cpu.endswith("(0.50x)") and "resident" in cpu
 
 
 def test_every_section_runs_at_toy_size_on_the_cpu(tmp_path):
@@ -95,7 +114,8 @@ def test_every_section_runs_at_toy_size_on_the_cpu(tmp_path):
     layer = [row for row in rows if row["section"] == "layer"]
     assert [row["item"] for row in layer] == ["4 experts, k=2", "8 experts, k=2"]
     assert all("x dense ideal" in row["versus"] for row in layer)
-    assert "x debug-dense" in next(r for r in rows if r["item"] == "debug-moe")["versus"]
+    moe = next(r for r in rows if r["item"] == "debug-moe")
+    assert "x debug-dense" in moe["versus"] and "MiB resident; plan" in moe["note"]
     assert proc.stdout.count("\n") == len(rows) + 2  # the table alone on standard output
 
 

@@ -470,7 +470,8 @@ class Trainer:
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """This process's peak host memory (VmHWM) and, on GPUs, the allocator's peak, in MiB.
+    """This process's peak host memory (VmHWM) and, on GPUs, the caching allocator's peaks
+    (what tensors held, and what it reserved from the driver for them), in MiB.
 
     The run's ``summary.json`` holds the largest over ranks, and each rank's."""
     peaks = {}
@@ -480,6 +481,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
                 peaks["peak_host_memory_mib"] = int(line.split()[1]) / 1024
     if device.type == "cuda":
         peaks["peak_device_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peaks["peak_device_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
     return peaks
 
 
