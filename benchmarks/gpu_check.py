@@ -348,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         started = time.monotonic()
         print(f"gpu_check: {name}...", file=sys.stderr, flush=True)
-        rows.extend(run_section(name, fn, *fn_args))
+        try:
+            rows.extend(run_section(name, fn, *fn_args))
+        except KeyboardInterrupt:  # the time limit (gpu_check.sh): print what was measured
+            rows.append(Row(name, "(section)", "interrupted",
+                            note=f"after {time.monotonic() - started:.0f} s"))
+            break
         print(f"gpu_check: {name} took {time.monotonic() - started:.0f} s", file=sys.stderr)
     print(render(rows))
     if args.json:

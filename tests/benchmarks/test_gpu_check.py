@@ -128,3 +128,15 @@ def test_the_script_refuses_a_machine_without_a_gpu():
     assert "sees no GPU" in proc.stderr and "make install" in proc.stderr
     direct = gpu_check.main(["--device", "cuda"])
     assert direct == 2
+
+
+def test_an_interrupted_check_still_prints_what_it_measured(monkeypatch, capsys):
+    """gpu_check.sh ends the check with SIGINT at its time limit: the rows so far are printed."""
+    def slow(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "layer_rows", slow)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--skip", "tests"]) == 0
+    table = capsys.readouterr().out
+    assert "| environment" in table and "| layer" in table and "interrupted" in table
+    assert "| training" not in table and "skipped" in table  # the tests row says --skip
