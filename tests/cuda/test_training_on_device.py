@@ -1,9 +1,10 @@
 """MoE-32-shaped training on the training device: activation checkpointing changes no bit,
 and a bf16 ZeRO-1 run saves and resumes exactly.
 
-The CPU cases run everywhere (``CUDA_VISIBLE_DEVICES`` emptied, so a GPU machine runs them
-on its CPU too); the ``cuda`` cases are the same runs on a GPU with deterministic kernels
-(``run.deterministic``), without which atomic additions sum in a different order each run.
+The CPU cases run everywhere (on a GPU machine too: the training runs the tests start see no
+GPU unless asked, ``tests/gpus.py``); the ``cuda`` cases are the same runs on a GPU with
+deterministic kernels (``run.deterministic``), without which atomic additions sum in a
+different order each run.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def _overrides(wt_corpus, run_dir: Path, steps: int) -> list[str]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("device", DEVICES)
 def test_moe32_in_bf16_with_zero1_resumes_exactly(wt_corpus, tmp_path, device):
-    env = {} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
+    gpus = device == "cuda"
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_training(_overrides(wt_corpus, straight, 4), env=env, timeout=400)
-    run_training(_overrides(wt_corpus, stopped, 2), env=env, timeout=400)
-    run_training(_overrides(wt_corpus, stopped, 4) + ["run.resume=true"], env=env, timeout=400)
+    run_training(_overrides(wt_corpus, straight, 4), gpus=gpus, timeout=400)
+    run_training(_overrides(wt_corpus, stopped, 2), gpus=gpus, timeout=400)
+    run_training(_overrides(wt_corpus, stopped, 4) + ["run.resume=true"], gpus=gpus, timeout=400)
     want, got = read_metric(straight, "train_loss"), read_metric(stopped, "train_loss")
     assert sorted(want) == [1, 2, 3, 4]
     assert [got[s] for s in range(1, 5)] == [want[s] for s in range(1, 5)]

@@ -14,10 +14,13 @@ import queue
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.multiprocessing as mp
+
+from tests.gpus import gpu_environment
 
 
 def free_port() -> int:
@@ -48,6 +51,23 @@ def _entry(worker: Callable[..., Any], rank: int, world_size: int, port: int,
         results.put((rank, "error", traceback.format_exc()))
 
 
+@contextmanager
+def _child_environment(env: dict[str, str] | None) -> Iterator[None]:
+    """``os.environ`` replaced by ``env`` while children start (this process's CUDA, already
+    started, keeps its GPUs whatever the variables say)."""
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
                     timeout: float = 150.0, collective_timeout: float = 60.0,
                     backend: str = "gloo") -> list[Any]:
@@ -62,8 +82,9 @@ def run_distributed(worker: Callable[..., Any], world_size: int, *args: Any,
                          args=(worker, rank, world_size, port, results, collective_timeout, args,
                                backend))
              for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
+    with _child_environment(gpu_environment(dict(os.environ)) if backend == "nccl" else None):
+        for proc in procs:
+            proc.start()  # a spawned child starts with the parent's environment of this moment
     deadline = time.monotonic() + timeout
     done: dict[int, tuple[str, Any]] = {}
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.cli import main as data_prep
+from tests.gpus import gpu_environment
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared" / "data"
@@ -51,10 +52,11 @@ def _free_port() -> int:
 
 
 def run_training(overrides: list[str], nproc: int = 1, timeout: int = 240,
-                 check: bool = True, env: dict[str, str] | None = None
-                 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-               **(env or {}))
+                 check: bool = True, gpus: bool = False) -> subprocess.CompletedProcess:
+    """A training run in a child process: on the CPU, or with ``gpus`` on the suite's GPUs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    if gpus:
+        env = gpu_environment(env)
     proc = subprocess.run(train_command(nproc) + overrides, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
     if check and proc.returncode != 0:
