@@ -116,9 +116,10 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 def use_deterministic_kernels() -> None:
     """``run.deterministic``: kernels that give the same bits every run.
 
-    Atomic additions (scatter-adds of the MoE combine and of embedding gradients) and cuBLAS's
-    split reductions otherwise sum in an order that changes between runs on a GPU. Kernels
-    with no deterministic version warn instead of failing (``warn_only``).
+    On a GPU, atomic additions (the backward of the dispatch's row gather, which adds each
+    token's k gradients with ``index_add``) and cuBLAS's split reductions otherwise sum in an
+    order that changes between runs. Kernels with no deterministic version warn instead of
+    failing (``warn_only``).
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
