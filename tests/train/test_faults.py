@@ -212,7 +212,9 @@ def test_metric_files_hold_one_header_and_each_step_once_after_a_kill(wt_corpus,
     """kill -9 two steps after a checkpoint, resume: the steps the killed run logged past the
     checkpoint are logged again by the resumed run, and every file reads as one run's."""
     run_dir = tmp_path / "killed"
-    overrides = _overrides(wt_corpus, run_dir, "run.resume=true")
+    # The dashboards too: W&B (offline) and TensorBoard, each step once after the resume.
+    overrides = _overrides(wt_corpus, run_dir, "run.resume=true", "tracking.wandb=true",
+                           "tracking.tensorboard=true", f"run.eval_every={SAVE_EVERY}")
     proc = _start(overrides)
     _wait(lambda: _latest(run_dir) == f"step_{SAVE_EVERY:08d}"
           and _logged_steps(run_dir) >= SAVE_EVERY + 2, proc, "two steps past a checkpoint")
@@ -221,6 +223,7 @@ def test_metric_files_hold_one_header_and_each_step_once_after_a_kill(wt_corpus,
     assert repeated > SAVE_EVERY and _latest(run_dir) == f"step_{SAVE_EVERY:08d}"
     status, output = _run(overrides)
     assert status == 0, output[-3000:]
+    _assert_dashboards_hold_each_step_once(run_dir)
     files = sorted((run_dir / "metrics").glob("*.csv"))
     assert len(files) > 10
     for path in files:
@@ -236,6 +239,34 @@ def test_metric_files_hold_one_header_and_each_step_once_after_a_kill(wt_corpus,
     loads = [json.loads(line)["step"] for line in
              (run_dir / "expert_load.jsonl").read_text().splitlines()]
     assert loads == list(range(1, STEPS + 1))
+
+
+def _assert_dashboards_hold_each_step_once(run_dir: Path) -> None:
+    """The W&B run left for ``wandb sync`` and TensorBoard's reader hold every step from 1 to
+    the end once, with the values of the CSV files (those of the resumed run where a step was
+    run twice); the killed attempt's W&B directory is kept aside."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.wandb_files import offline_run_files, read_offline_run
+
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    files = offline_run_files(run_dir)
+    assert len(files) == 1 and files[0].parent.name.endswith(run_id), files
+    assert len(list((run_dir / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))) == 1
+    run = read_offline_run(files[0])
+    losses = read_metric(run_dir, "train_loss")
+    assert run.steps_of("train/loss") == list(range(1, STEPS + 1))
+    assert run.values("train/loss") == losses
+    evaluated = read_metric(run_dir, "valid_perplexity")
+    assert sorted(evaluated) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+    assert run.values("valid/perplexity") == evaluated
+    assert run.steps_of("moe/expert_load") == sorted(evaluated)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(s, float(np.float32(losses[s]))) for s in range(1, STEPS + 1)]
+    assert [e.step for e in events.Images("moe/expert_load")] == sorted(evaluated)
 
 
 @pytest.mark.timeout(400)

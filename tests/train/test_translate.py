@@ -29,9 +29,27 @@ def trained(m30_corpus, tmp_path_factory):
                   "run.progress=false", "model.preset=debug-translation", "data.max_tokens=400",
                   "optimizer.name=adam", "optimizer.lr=0.01", "schedule.warmup_steps=10",
                   "decode.beam_size=3", "decode.max_length=30", "decode.length_penalty=0.6",
-                  "tracking.wandb=false", "data.eval_splits=[test]",
+                  "tracking.translation_samples=5", "data.eval_splits=[test]",
                   f"data.references={{test: {root}/test.de}}"])
     return run_dir, Path(root)
+
+
+def test_dashboard_shows_bleu_and_sample_translations(trained):
+    """The W&B run file holds the BLEU and a table of the first translations, as written."""
+    from tests.wandb_files import offline_run_files, read_offline_run
+
+    run_dir, _ = trained
+    run = read_offline_run(offline_run_files(run_dir)[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.values("test/bleu") == {40: pytest.approx(summary["test/bleu"])}
+    table = run.values("test/translations")[40]
+    assert table["_type"] == "table-file" and table["nrows"] == 5
+    files = offline_run_files(run_dir)[0].parent / "files"
+    data = json.loads((files / table["path"]).read_text())
+    refs = (run_dir / "translations" / "test.ref").read_text(encoding="utf-8").splitlines()[:5]
+    hyps = (run_dir / "translations" / "test.hyp").read_text(encoding="utf-8").splitlines()[:5]
+    assert data["columns"] == ["reference", "hypothesis"]
+    assert data["data"] == [[r, h] for r, h in zip(refs, hyps)]
 
 
 @pytest.mark.timeout(400)

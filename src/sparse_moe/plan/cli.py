@@ -18,7 +18,6 @@ import contextlib
 import json
 import re
 import sys
-from pathlib import Path
 
 from sparse_moe.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -53,15 +52,9 @@ def load_config(path: str | None, overrides: list[str]):
 
 
 def resolve_vocabulary(config, vocab_size: int | None) -> int:
-    from sparse_moe.data.corpus import MANIFEST_NAME, load_manifest
-    from sparse_moe.train.tasks import base_model_config
+    from sparse_moe.train.resolved import corpus_vocabulary
 
-    corpus = Path(config.data.corpus)
-    if vocab_size is None and (corpus / MANIFEST_NAME).is_file():
-        return int(load_manifest(corpus)["tokenizer"]["vocab_size"])
-    if vocab_size is not None:
-        return vocab_size
-    return base_model_config(config.model.preset).vocab_size
+    return corpus_vocabulary(config, vocab_size)[0]
 
 
 def format_plan(plan) -> str:
@@ -102,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the framework's resident memory is counted for")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the configuration planned, the model resolved to all its "
+                             "fields (as sparse-moe-train --print-config), and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return parser
 
@@ -118,6 +114,8 @@ def make_plan(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.print_config:
+        return print_config(args)
     try:
         # DeepSpeed's logger (imported on the way) writes to stdout; the plan owns stdout.
         with contextlib.redirect_stdout(sys.stderr):
@@ -134,6 +132,21 @@ def main(argv: list[str] | None = None) -> int:
               "model.activation_checkpointing, lower data.micro_batch_size, or use a ZeRO "
               "config (deepspeed.config)", file=sys.stderr)
         return 1
+    return 0
+
+
+def print_config(args: argparse.Namespace) -> int:
+    try:
+        # DeepSpeed's logger writes to the stdout it finds when imported; the YAML owns stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            from sparse_moe.train.resolved import printable_config
+
+            config = load_config(args.config, list(args.overrides))
+            text = printable_config(config, args.vocab_size)
+    except ConfigError as error:
+        print(f"sparse-moe-plan: {error}", file=sys.stderr)
+        return 2
+    print(text, end="")
     return 0
 
 

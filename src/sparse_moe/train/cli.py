@@ -3,7 +3,7 @@
 ``data.eval_splits=[valid]``).
 
     sparse-moe-train --config configs/demo.yaml data.corpus=corpora/wt2 run.steps=200
-    deepspeed --num_gpus 8 -m sparse_moe.train --config my_run.yaml parallel.ep_size=8
+    deepspeed --num_gpus 8 --module sparse_moe.train --config my_run.yaml parallel.ep_size=8
     torchrun --nproc-per-node 2 -m sparse_moe.train --config ... run.resume=true
 """
 
@@ -17,13 +17,17 @@ from sparse_moe.train.errors import TrainingAborted
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = sys.argv[1:] if argv is None else argv
+    # The fields' help imports the models (and DeepSpeed, which logs to stdout): only for --help.
+    wants_help = any(arg in ("-h", "--help") for arg in args)
     parser = argparse.ArgumentParser(prog="sparse-moe-train", description=__doc__,
-                                     epilog=configuration_help(),
+                                     epilog=configuration_help() if wants_help else None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with the run's sections")
     parser.add_argument("--resume", action="store_true", help="same as run.resume=true")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the effective configuration (YAML) and exit")
+                        help="print the effective configuration (YAML, the model resolved to "
+                             "all its fields) and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return parser.parse_args(argv)
@@ -72,12 +76,11 @@ def run_command(args: argparse.Namespace) -> int:
     """Trains; returns the exit status, with a one-line message for bad input and faults."""
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
     try:
+        if args.print_config:
+            return print_config(args.config, overrides)
         from sparse_moe.train.config import load_train_config
 
         config = load_train_config(args.config, overrides)
-        if args.print_config:
-            print_config(config)
-            return 0
         check_inputs(config, str(args.config or "command line"))
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
@@ -96,13 +99,19 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_config(config) -> None:
-    """The configuration the run would use (every field, defaults filled in), as YAML."""
-    import yaml
+def print_config(path: str | None, overrides: list[str]) -> int:
+    """Prints the configuration the run would use (every field, defaults filled in, the model
+    resolved from its preset or YAML and overrides), as YAML that loads back as the same run."""
+    import contextlib
 
-    from sparse_moe.config_io import to_dict
+    # DeepSpeed's logger writes to the stdout it finds when imported; the YAML owns stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        from sparse_moe.train.config import load_train_config
+        from sparse_moe.train.resolved import printable_config
 
-    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        text = printable_config(load_train_config(path, overrides))
+    print(text, end="")
+    return 0
 
 
 def check_inputs(config, source: str) -> None:

@@ -7,7 +7,7 @@
     schedule:  sparse_moe.optim.ScheduleConfig (warmup / hold / inverse square root)
     parallel:  sparse_moe.parallel.ExpertParallelConfig (ep_size, capacity factor...)
     deepspeed: the DeepSpeed JSON to start from and the fields the trainer sets in it
-    tracking:  wandb (through DeepSpeed's monitor) and the CSV monitor
+    tracking:  W&B and TensorBoard (driven by the trainer) and DeepSpeed's CSV monitor
     decode:    beam search settings for translation BLEU
 """
 
@@ -139,16 +139,28 @@ class DeepSpeedSection:
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = True  # log to wandb through DeepSpeed's monitor
+    """Dashboards (W&B, TensorBoard) and metric files; docs/training.md, "Tracking"."""
+
+    wandb: bool = True  # a W&B run, driven by rank 0 (train/tracking/tracker.py)
     wandb_mode: str = "offline"  # offline (sync later with wandb sync), online or disabled
     project: str = "sparse-moe"  # the wandb project
-    group: str | int | None = None  # default: the Slurm job id, if any
-    csv: bool = True  # one CSV per metric under <run>/metrics/
+    entity: str | None = None  # the W&B team or user; default: the account's default entity
+    name: str | None = None  # the run's display name; default: the run directory's name
+    group: str | int | None = None  # default: the Slurm job id (an array's job id), if any
+    tags: list[str] = field(default_factory=list)  # W&B tags, to filter runs by
+    job_type: str = "train"  # W&B job type, to tell training from evaluation runs
+    notes: str | None = None  # a description shown on the run's W&B page
+    tensorboard: bool = False  # the same scalars, pictures and tables in <run>/tensorboard
+    csv: bool = True  # one CSV per metric under <run>/metrics/ (DeepSpeed's CSV monitor)
+    translation_samples: int = 8  # translation: sample translations per split in a table
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
             raise ConfigError(f"tracking.wandb_mode: expected one of {WANDB_MODES}, "
                               f"found {self.wandb_mode!r}")
+        if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
+            raise ConfigError(f"tracking.tags: expected a list of strings, found {self.tags!r}")
+        _non_negative(self, "translation_samples")
 
 
 @dataclass

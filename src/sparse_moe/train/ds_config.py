@@ -8,7 +8,6 @@ JSON or config that states something else fails before any model is built.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +83,15 @@ def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path)
 
 
 def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
-    tracking = config.tracking
-    if tracking.csv:
+    """DeepSpeed's CSV monitor only: W&B and TensorBoard are the trainer's (train/tracking/),
+    since DeepSpeed's would log with the number of samples as their step."""
+    if config.tracking.csv:
         ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir), "job_name": "metrics"}
-    if tracking.wandb and tracking.wandb_mode != "disabled":
-        group = tracking.group or os.environ.get("SLURM_JOB_ID")
-        # A job id read from YAML is an int; DeepSpeed's wandb config wants a string.
-        ds["wandb"] = {"enabled": True, "project": tracking.project,
-                       "group": None if group is None else str(group)}
+    for monitor in ("wandb", "tensorboard", "comet"):
+        if isinstance(ds.get(monitor), dict) and ds[monitor].get("enabled"):
+            raise ConfigError(f"{config.deepspeed.config}: {monitor}.enabled is set in the "
+                              "DeepSpeed JSON; the trainer drives W&B and TensorBoard itself "
+                              "(tracking.wandb, tracking.tensorboard); remove that section")
 
 
 def check_precision_supported(ds: dict[str, Any], config: TrainConfig) -> None:

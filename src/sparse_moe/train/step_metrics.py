@@ -34,18 +34,21 @@ class StepMetrics:
     parallel: ExpertParallelConfig
     _sums: dict[str, float] = field(default_factory=dict)
     _counts: list[torch.Tensor] | None = None
+    _importance: list[torch.Tensor] | None = None
+    grad_norm: float | None = None  # set by the trainer where DeepSpeed reports none
     _tokens: float = 0.0
     _micro_steps: int = 0
 
     def add_micro_step(self, scalars: dict[str, float], counts: list[torch.Tensor],
-                       tokens: float) -> None:
+                       tokens: float, importance: list[torch.Tensor] | None = None) -> None:
         """One micro-step's loss parts (``LossParts.scalars()``), its MoE layers' tokens per
-        expert (already summed over the data-parallel replicas) and its target tokens."""
+        expert and gate importance per expert (both already summed over the data-parallel
+        replicas) and its target tokens."""
         for key, value in scalars.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
-        counts = [c.detach().float() for c in counts]
-        self._counts = counts if self._counts is None else [
-            a + b for a, b in zip(self._counts, counts)]
+        self._counts = _accumulate(self._counts, counts)
+        if importance is not None:
+            self._importance = _accumulate(self._importance, importance)
         self._tokens += tokens
         self._micro_steps += 1
 
@@ -57,6 +60,11 @@ class StepMetrics:
         counts = self._counts or []
         for i, layer in enumerate(counts):
             metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))
+        for i, layer in enumerate(self._importance or []):
+            metrics[f"moe{i}/cv_importance"] = coefficient_of_variation(layer)
+        grad_norm = self.grad_norm if self.grad_norm is not None else engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
         metrics.update(self._dispatch_metrics())
         return StepRecord(metrics, self._tokens * self.world, bool(engine.was_step_applied()),
                           [c.tolist() for c in counts])
@@ -82,6 +90,40 @@ class StepMetrics:
             if self.parallel.time_communication:
                 out[f"moe{i}/all_to_all_seconds"] = routed.all_to_all_seconds
         return out
+
+
+def global_grad_norm(model: torch.nn.Module, world: int, ep_size: int) -> float:
+    """The L2 norm of the whole model's gradient (before clipping), on every rank.
+
+    Dense gradients are the same on every rank once reduced; each expert's gradient lives on
+    the ``world / ep_size`` ranks of its expert-data-parallel group, so the experts' squares
+    summed over the world count each expert that many times. One all-reduce of one number.
+    """
+    from deepspeed.moe.utils import is_moe_param
+
+    dense, experts = [], []
+    for param in model.parameters():
+        if param.grad is not None:
+            (experts if is_moe_param(param) else dense).append(param.grad.detach())
+    device = next(model.parameters()).device
+    squares = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, grads in enumerate((dense, experts)):
+        if grads:
+            squares[i] = torch.nn.utils.get_total_norm(grads, norm_type=2.0).double() ** 2
+    squares = squares.cpu()
+    expert_squares = all_reduce_host(squares[1:].clone())
+    return float((squares[0] + expert_squares[0] * ep_size / world).sqrt())
+
+
+def _accumulate(total: list[torch.Tensor] | None, parts: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+    parts = [p.detach().float().flatten() for p in parts]
+    return parts if total is None else [a + b for a, b in zip(total, parts)]
+
+
+def coefficient_of_variation(values: torch.Tensor) -> float:
+    """Standard deviation over mean (the paper's CV, whose square the balancing losses use)."""
+    return float(values.std(unbiased=False) / values.mean().clamp_min(1e-9))
 
 
 def expert_load_metrics(counts: torch.Tensor, prefix: str) -> dict[str, float]:

@@ -4,7 +4,8 @@ One process per rank. Dense parameters are data-parallel over the whole world; e
 layer's experts are sharded over expert-parallel groups of ``parallel.ep_size`` ranks (the
 paper's mix of data and model parallelism). DeepSpeed owns the optimizer step, gradient
 reduction (experts over their expert-data-parallel group), clipping, precision, ZeRO,
-checkpoint files and the wandb/CSV monitors.
+checkpoint files and the CSV monitor; the trainer's tracker drives W&B and TensorBoard
+(``train/tracking/``).
 
 Exact resumption: every micro-step reseeds the RNG from (seed, step, micro-step, rank), and a
 checkpoint records the step and the data reader's position, so a resumed run draws the same
@@ -46,6 +47,7 @@ from sparse_moe.parallel import (
     expert_parallel_dispatchers,
     parallelize,
 )
+from sparse_moe.plan.planner import training_multiply_adds
 from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (
@@ -70,9 +72,9 @@ from sparse_moe.train.relayout import (
     unwrapped_full_state,
     zero_full_state,
 )
-from sparse_moe.train.step_metrics import StepMetrics, StepRecord
+from sparse_moe.train.step_metrics import StepMetrics, StepRecord, global_grad_norm
 from sparse_moe.train.tasks import IGNORE, make_task
-from sparse_moe.train.tracking import continue_metrics
+from sparse_moe.train.tracking import NoTracker, Tracker, continue_metrics, dashboard_config
 
 CHECKPOINT_DIR = "checkpoints"
 # Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
@@ -189,6 +191,13 @@ class Trainer:
             self._resume()
         if self.rank == 0:  # one header and each step once in the metric files, after resumes
             continue_metrics(self.run_dir, self.engine.monitor, self.step)
+        self.tracker = self._start_tracker()
+        self.preemption.install()  # wandb may have replaced the handlers
+        # Tokens per expert since the last log (idle experts) and the last evaluation (picture).
+        self.window = ExpertWindow()
+        self.eval_window = ExpertWindow(since=self.step)
+        self.multiply_adds_per_token = training_multiply_adds(
+            self.engine.module, self.task.model_config(), tokens=1)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> None:
@@ -201,12 +210,16 @@ class Trainer:
                          yaml.safe_dump(to_dict(self.config), sort_keys=False))
         dist.barrier()
         self.wandb_run_id = (self.run_dir / "wandb_run_id").read_text().strip()
-        tracking = self.config.tracking
-        if tracking.wandb and tracking.wandb_mode != "disabled":
-            # DeepSpeed's wandb monitor calls wandb.init(project, group); the rest is read here.
-            os.environ.update(WANDB_RUN_ID=self.wandb_run_id, WANDB_RESUME="allow",
-                              WANDB_MODE=tracking.wandb_mode, WANDB_DIR=str(self.run_dir),
-                              WANDB_SILENT="true")
+
+    def _start_tracker(self) -> Tracker | NoTracker:
+        """Rank 0's dashboards, started at the step the run continues from (after a resume)."""
+        if self.rank != 0:
+            return NoTracker()
+        run_config = dashboard_config(self.config, self.task.model_config(),
+                                      self.run_engine.ds_config, self.world,
+                                      self.config.parallel.ep_size)
+        return Tracker(self.config.tracking, self.run_dir, self.wandb_run_id, run_config,
+                       start_step=self.step)
 
     def _initialize_engine(self):
         run = self.run_engine = build_engine(self.model, self.config, self.world, self.run_dir)
@@ -325,9 +338,16 @@ class Trainer:
             self.step += 1
             metrics, skipped = record.metrics, not record.applied
             window_tokens += record.tokens
+            self.window.add(record.expert_counts)
+            self.eval_window.add(record.expert_counts)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.time() - window_start
                 metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+                metrics["model_flops_per_second"] = (2 * self.multiply_adds_per_token
+                                                     * metrics["tokens_per_second"])
+                metrics.update(self.window.dead_experts())
+                metrics.update({f"system/{k}": v for k, v in peak_memory(self.device).items()})
+                self.window = ExpertWindow(since=self.step)
                 self._log(metrics)
                 self._append_expert_load(record.expert_counts)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}",
@@ -336,7 +356,7 @@ class Trainer:
             progress.update(1)
             self._count_nonfinite(metrics["loss"], skipped)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self._log(self.evaluate())
+                self._log_evaluation(self.evaluate())
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_due = True
             if self.save_due and self.nonfinite_streak == 0:
@@ -347,11 +367,12 @@ class Trainer:
                 return self._stop_for_preemption()
         progress.close()
         final = self.evaluate()
-        self._log(final)
+        self._log_evaluation(final)
         self.save()
         last_train = self.last_train
         summary = {"steps": self.step, "seconds": time.time() - started, **final,
                    "train_loss": last_train.get("loss"), **self._peak_memory_over_ranks()}
+        self.tracker.finish(summary)
         if self.rank == 0:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
@@ -374,6 +395,7 @@ class Trainer:
         ``<run>/preempted.json`` is what job scripts test to requeue; the status is 75 too.
         """
         self.save()
+        self.tracker.finish()
         self.phase = "the barrier after the preemption save"
         if self.rank == 0:
             signame = (signal.Signals(self.preemption.received).name
@@ -398,12 +420,17 @@ class Trainer:
                 loss = self.faults.loss(parts.total, self.step + 1)
                 self.guard.note_loss(loss)
                 engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and not self.run_engine.optimizer_wrapped:
+                # DeepSpeed reports a gradient norm only from its wrappers (ZeRO, bf16, fp16).
+                step.grad_norm = global_grad_norm(engine.module, self.world,
+                                                  self.config.parallel.ep_size)
             engine.step()
             scalars = parts.scalars()
             if loss is not parts.total:
                 scalars["loss"] = float("nan")  # the injected fault shows in the logged loss
             step.add_micro_step(scalars, [o.counts for o in output.moe_outputs],
-                                float((targets != IGNORE).sum()))
+                                float((targets != IGNORE).sum()),
+                                [o.importance for o in output.moe_outputs])
         return step.finish(engine)
 
     def _count_nonfinite(self, loss: float, skipped: bool) -> None:
@@ -445,9 +472,22 @@ class Trainer:
         metrics = {k: float(v) for k, v in metrics.items()}
         if "loss" in metrics:
             self.last_train = {"step": self.step, **metrics}
+        named = {(f"train/{k}" if "/" not in k else k): v for k, v in metrics.items()}
         if self.engine.monitor.enabled:
-            self.engine.monitor.write_events([(f"train/{k}" if "/" not in k else k, v, self.step)
-                                              for k, v in metrics.items()])
+            self.engine.monitor.write_events([(k, v, self.step) for k, v in named.items()])
+        self.tracker.log_scalars(named, self.step)
+
+    def _log_evaluation(self, results: dict[str, float]) -> None:
+        """Evaluation metrics, the expert-load picture since the previous evaluation and,
+        for translation, a table of sample translations."""
+        self._log(results)
+        self.tracker.log_expert_load(self.eval_window.counts, self.step, self.eval_window.since)
+        self.eval_window = ExpertWindow(since=self.step)
+        samples = self.config.tracking.translation_samples
+        for split in self.config.data.eval_splits:
+            rows = sample_translations(self.run_dir, split, samples) if samples else []
+            self.tracker.log_table(f"{split}/translations", ["reference", "hypothesis"], rows,
+                                   self.step)
 
     def _append_expert_load(self, counts: list[list[float]]) -> None:
         """Tokens per expert of every MoE layer at this step (the load heatmap's data)."""
@@ -463,11 +503,43 @@ class Trainer:
                   "config": to_dict(self.config)}
         save_checkpoint(self.engine, self.writer, self.checkpoint_dir, self.step, client,
                         self.config.run.keep_last)
+        self.tracker.checkpoint_saved()
         # DeepSpeed clones every local expert before writing them one file each: a copy of
         # the rank's experts in pieces small enough for the heap, which would otherwise stay
         # resident beside the next steps' buffers.
         release_freed_host_memory()
         self.save_due = False
+
+
+class ExpertWindow:
+    """Tokens per expert of every MoE layer, summed over the steps after ``since``."""
+
+    def __init__(self, since: int = 0) -> None:
+        self.since = since
+        self.counts: list[list[float]] = []
+
+    def add(self, counts: list[list[float]]) -> None:
+        if not self.counts:
+            self.counts = [list(layer) for layer in counts]
+            return
+        for total, layer in zip(self.counts, counts):
+            for i, value in enumerate(layer):
+                total[i] += value
+
+    def dead_experts(self) -> dict[str, float]:
+        """Per layer, the experts that received no token in the window."""
+        return {f"moe{i}/dead_experts": float(sum(1 for c in layer if c == 0))
+                for i, layer in enumerate(self.counts)}
+
+
+def sample_translations(run_dir: Path, split: str, count: int) -> list[list[str]]:
+    """The first ``count`` (reference, hypothesis) pairs rank 0 wrote for ``split``."""
+    hyp, ref = (run_dir / "translations" / f"{split}.{ext}" for ext in ("hyp", "ref"))
+    if not (hyp.is_file() and ref.is_file()):
+        return []
+    hyps = hyp.read_text(encoding="utf-8").splitlines()[:count]
+    refs = ref.read_text(encoding="utf-8").splitlines()[:count]
+    return [[r, h] for r, h in zip(refs, hyps)]
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -6,7 +6,8 @@ second header in the middle of every file, and the steps run after the last chec
 killed process appeared twice (once from each run). Before a run logs anything, rank 0 keeps
 in every metrics file its header and the rows up to the step the run starts from, each step
 once (its last value), and tells the monitor the header is written. The trainer's own
-``expert_load.jsonl`` is cut back the same way.
+``expert_load.jsonl`` is cut back the same way, and so is the tracking journal
+(``tracking/history.jsonl``, every record of each step up to the resumed one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from sparse_moe.atomic import atomic_write
+
+# What the tracker logged, one JSON record a line: the dashboards' history, replayed into the
+# W&B run of a resumed job (tracker.py).
+JOURNAL = "tracking/history.jsonl"
 
 
 def continue_metrics(run_dir: Path, monitor: Any, step: int) -> None:
@@ -29,6 +34,9 @@ def continue_metrics(run_dir: Path, monitor: Any, step: int) -> None:
     expert_load = run_dir / "expert_load.jsonl"
     if expert_load.is_file():
         keep_records_up_to(expert_load, step)
+    journal = run_dir / JOURNAL
+    if journal.is_file():
+        keep_records_up_to(journal, step, last_per_step=False)
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:
@@ -50,14 +58,17 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     atomic_write(path, "\n".join([header, *(rows[s] for s in sorted(rows))]) + "\n")
 
 
-def keep_records_up_to(path: Path, step: int) -> None:
-    """The JSON lines with ``step`` up to ``step``, each step once (its last record)."""
-    records = {}
+def keep_records_up_to(path: Path, step: int, last_per_step: bool = True) -> None:
+    """The JSON lines with ``step`` up to ``step``: each step once (its last record), or with
+    ``last_per_step=False`` every record of those steps, in the order written."""
+    kept: list[tuple[int, str]] = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
         if isinstance(record, dict) and int(record.get("step", step + 1)) <= step:
-            records[int(record["step"])] = line
-    atomic_write(path, "".join(records[s] + "\n" for s in sorted(records)))
+            kept.append((int(record["step"]), line))
+    if last_per_step:
+        kept = sorted(dict(kept).items())
+    atomic_write(path, "".join(line + "\n" for _, line in kept))
