@@ -15,6 +15,7 @@ import pytest
 
 from tests.slurm.conftest import FINISHED, Job, read_metric, submit, train_overrides
 from tests.train.conftest import run_training
+from tests.wandb_files import offline_run_files, read_offline_run
 
 STEPS = 10
 CONFIG = "configs/demo.yaml"
@@ -61,8 +62,7 @@ def test_srun_two_tasks_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_p
                  **_variables(wt_corpus, run_dir))
     _assert_completed(job, job.wait())
     assert read_metric(run_dir, "train_loss") == direct_run
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    assert ds_config["wandb"]["group"] == job.job_id  # wandb runs grouped by the job id
+    assert _wandb_group(run_dir) == job.job_id  # W&B runs grouped by the job id
 
 
 @pytest.mark.timeout(300)
@@ -114,10 +114,19 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
     assert f"at step {saved} (SLURM_RESTART_COUNT=1)" in log
     assert "SLURM_RESTART_COUNT=1 run_dir=" in log  # the requeued job's start-up line
     assert read_metric(run_dir, "train_loss") == direct_run
-    # wandb: one run id for both starts of the job (offline run directories end with it).
+    # W&B: one run id for both starts of the job; the requeued start's offline run, the one
+    # left for wandb sync, holds every step once (the first start's is kept aside).
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
+    files = offline_run_files(run_dir)
+    assert len(files) == 1 and files[0].parent.name.endswith(run_id), files
+    superseded = list((run_dir / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))
+    assert len(superseded) == 1, superseded
+    assert read_offline_run(files[0]).values("train/loss") == direct_run
+
+
+def _wandb_group(run_dir: Path) -> str:
+    (path,) = offline_run_files(run_dir)
+    return read_offline_run(path).run.run_group
 
 
 def _wait_for_state(job: Job, state: str, timeout: float = 120) -> dict[str, str]:
@@ -197,8 +206,7 @@ def test_sweep_array_writes_one_run_per_configuration(slurm, wt_corpus, tmp_path
         summary = json.loads((sweep_dir / name / "summary.json").read_text())
         assert summary["steps"] == 3
         assert f"lr: {lr}" in (sweep_dir / name / "config.yaml").read_text()
-        ds_config = json.loads((sweep_dir / name / "ds_config.json").read_text())
-        assert ds_config["wandb"]["group"] == f"moe-sweep-{job.job_id}"  # the array's job id
+        assert _wandb_group(sweep_dir / name) == f"moe-sweep-{job.job_id}"  # the array's job
 
 
 @pytest.mark.timeout(200)

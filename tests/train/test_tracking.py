@@ -71,6 +71,10 @@ def test_wandb_run_names_groups_and_configures_the_run(tracked_run, wt_corpus):
                                 "data_parallel_size": 2}
     assert config["deepspeed_config"]["train_batch_size"] == 4 * 2
     assert config["parallel"]["ep_size"] == 2 and config["data"]["seq_len"] == 16
+    # Every field of each MoE layer as built, defaults included (the paper's weights).
+    (moe,) = config["moe_layers"]
+    assert (moe["num_experts"], moe["k"], moe["d_model"]) == (8, 2, preset["d_model"])
+    assert moe["w_importance"] == 0.1 and moe["gating"] == "noisy_topk"
     commit = config["code"]["git_commit"]
     assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
     # Every series is plotted against the optimizer step.
@@ -191,3 +195,21 @@ def test_plan_prints_the_same_resolved_config(wt_corpus):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == _print_config(*args)
+
+
+def test_a_deepspeed_json_that_enables_its_own_wandb_monitor_is_refused(tmp_path):
+    import json
+
+    from sparse_moe.config_io import ConfigError
+    from sparse_moe.train.config import load_train_config
+    from sparse_moe.train.ds_config import build_ds_config
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                   "wandb": {"enabled": True, "project": "x"}}))
+    config = load_train_config(None, ["data.corpus=c", f"deepspeed.config={ds_json}"])
+    with pytest.raises(ConfigError, match=r"ds\.json: wandb\.enabled is set in the DeepSpeed "
+                                          r"JSON; the trainer drives W&B"):
+        build_ds_config(config, 1, tmp_path / "run")
+    ds = build_ds_config(load_train_config(None, ["data.corpus=c"]), 1, tmp_path / "run")
+    assert "wandb" not in ds and ds["csv_monitor"]["enabled"] is True

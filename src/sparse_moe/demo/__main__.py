@@ -60,7 +60,8 @@ def train(name: str, preset: str, ep_size: int, corpus: Path, tokenizer: Path, o
                "--master-port", str(_free_port()), "-m", "sparse_moe.train",
                "--config", str(REPO / "configs" / "demo.yaml"), f"data.corpus={corpus}",
                f"data.tokenizer={tokenizer}", f"run.dir={run_dir}", f"model.preset={preset}",
-               f"parallel.ep_size={ep_size}", *extra]
+               f"parallel.ep_size={ep_size}", f"tracking.name=demo-{name}", "tracking.group=demo",
+               f"tracking.tags=[demo, {preset}]", "tracking.tensorboard=true", *extra]
     print(f"\n== training {name} ({preset}, {nproc} processes, ep_size={ep_size})", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     subprocess.run(command, check=True, env=env, cwd=REPO)
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     plots = make_report([args.out / "moe", args.out / "dense"], args.out / "report",
                         routing_text=valid, routing_labels=domain_labels(valid))
     print_comparison(moe, dense, plots, time.time() - started)
+    print("dashboards (docs/training.md, \"Tracking\"):")
+    print(f"  wandb sync {args.out}/moe/wandb/offline-run-* {args.out}/dense/wandb/offline-run-*")
+    print(f"  tensorboard --logdir {args.out}")
     routing = args.out / "report" / "routing_moe.md"
     if routing.is_file():
         print("\nwhere each domain's tokens go (first MoE layer, validation split):\n")

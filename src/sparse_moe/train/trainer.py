@@ -217,7 +217,7 @@ class Trainer:
             return NoTracker()
         run_config = dashboard_config(self.config, self.task.model_config(),
                                       self.run_engine.ds_config, self.world,
-                                      self.config.parallel.ep_size)
+                                      self.config.parallel.ep_size, self.engine.module)
         return Tracker(self.config.tracking, self.run_dir, self.wandb_run_id, run_config,
                        start_step=self.step)
 

@@ -18,14 +18,27 @@ from sparse_moe.train.resolved import resolved_config_dict
 
 
 def dashboard_config(config: TrainConfig, model_config: Any, ds_config: dict[str, Any],
-                     world: int, ep_size: int) -> dict[str, Any]:
+                     world: int, ep_size: int, model: Any = None) -> dict[str, Any]:
+    """``model``: the built model, whose MoE layers' every field (balancing weights, noise,
+    gating; defaults included) goes under ``moe_layers``."""
     values = resolved_config_dict(config, model_config)
+    if model is not None:
+        values["moe_layers"] = moe_layer_fields(model)
     values["deepspeed_config"] = ds_config
     values["layout"] = {"world_size": world, "ep_size": ep_size,
                         "expert_data_parallel_size": world // ep_size,
                         "data_parallel_size": world}
     values["code"] = {"version": package_version(), "git_commit": git_commit()}
     return values
+
+
+def moe_layer_fields(model: Any) -> list[dict[str, Any]]:
+    from dataclasses import asdict
+
+    from sparse_moe.models.layers import MoELayer
+
+    return [asdict(module.moe.config) for module in model.modules()
+            if isinstance(module, MoELayer)]
 
 
 def package_version() -> str | None:
