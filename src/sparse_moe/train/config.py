@@ -33,7 +33,10 @@ class RunConfig:
     log_every: int = 10  # steps between logged metrics
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 0  # per split and rank; 0: the whole split
-    save_every: int = 0  # 0: save at the end only
+    save_every: int = 0  # steps between checkpoints; 0: by time only (or at the end)
+    # minutes between checkpoints as well (whichever comes first); 0: off. Bounds the work a
+    # node failure, an NCCL abort or an OOM kill loses; the Slurm templates set it.
+    save_every_minutes: float = 0.0
     keep_last: int = 2  # committed checkpoints kept (older ones are deleted)
     resume: bool = False  # continue from the latest checkpoint of run.dir
     # start from an export's weights (sparse-moe-export; any layout); a resume takes precedence
@@ -53,6 +56,8 @@ class RunConfig:
     # cuDNN's deterministic algorithms): a GPU run then repeats bit for bit, as a CPU run
     # always does, and a resumed run reproduces the uninterrupted one; some kernels are slower.
     deterministic: bool = False
+    # GPU: fp32 matrix products and convolutions on TF32 tensor cores (PyTorch's default is off)
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "keep_last", "max_nonfinite_steps"):
@@ -63,6 +68,10 @@ class RunConfig:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"RunConfig.collective_timeout_minutes: expected a positive number "
                               f"of minutes, found {timeout!r}")
+        minutes = self.save_every_minutes
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes < 0:
+            raise ConfigError(f"RunConfig.save_every_minutes: expected a number of minutes >= 0 "
+                              f"(0: off), found {minutes!r}")
 
 
 @dataclass
@@ -112,13 +121,17 @@ class DecodeConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = "ds_configs/cpu_fp32.json"  # the DeepSpeed JSON to start from (ds_configs/)
+    # the DeepSpeed JSON to start from (ds_configs/); auto: zero1_bf16.json where the process
+    # sees a GPU, cpu_fp32.json where it does not (the choice is logged)
+    config: str = "auto"
     # micro-steps per optimizer step; auto: train_batch_size / (micro-batch x world), so that a
     # job keeps its global batch on any number of processes (a requeue on other nodes)
     gradient_accumulation_steps: int | str = 1
     train_batch_size: int | None = None  # checked against micro x accumulation x data-parallel
     gradient_clipping: float | None = None  # overrides the JSON when set
-    precision: str | None = None  # overrides the JSON's bf16/fp16 sections when set
+    # overrides the JSON's bf16/fp16 sections when set; bf16 keeps fp32 gradient accumulation
+    # (raising a stage-0 JSON to ZeRO-1, the only stages where DeepSpeed offers it)
+    precision: str | None = None
     zero_stage: int | None = None  # overrides the JSON's ZeRO stage (0, 1, 2) when set
     wall_clock_breakdown: bool | None = None  # DeepSpeed's per-phase timers, when set
 

@@ -46,10 +46,43 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path) -> dict[str, Any]:
-    """The dict passed to ``deepspeed.initialize``."""
+# deepspeed.config=auto: the regime for real runs on GPUs (bf16 with fp32 gradient
+# accumulation, ZeRO-1), and plain fp32 on CPUs (which have no fast bf16 path).
+AUTO_CONFIGS = {"cuda": "zero1_bf16.json", "cpu": "cpu_fp32.json"}
+DS_CONFIG_DIR = Path(__file__).resolve().parents[3] / "ds_configs"
+
+
+def ds_json_path(config: TrainConfig, device_type: str | None = None) -> Path:
+    """``deepspeed.config``, with ``auto`` resolved for ``device_type`` (``cuda`` or ``cpu``;
+    None: CUDA when this process sees a GPU)."""
+    name = config.deepspeed.config
+    if name != "auto":
+        return Path(name)
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = AUTO_CONFIGS["cuda" if device_type == "cuda" else "cpu"]
+    shipped = DS_CONFIG_DIR / chosen
+    return shipped if shipped.is_file() else Path("ds_configs") / chosen
+
+
+def describe_ds_choice(config: TrainConfig, device_type: str) -> str:
+    """The line a run logs about its DeepSpeed JSON (why that one, for ``auto``)."""
+    path = ds_json_path(config, device_type)
+    if config.deepspeed.config != "auto":
+        return f"deepspeed.config: {path}"
+    why = "a GPU: bf16, fp32 gradient accumulation, ZeRO-1" if device_type == "cuda" else (
+        "no GPU: fp32 without ZeRO")
+    return f"deepspeed.config=auto: {path.name} ({why})"
+
+
+def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path,
+                    device_type: str | None = None) -> dict[str, Any]:
+    """The dict passed to ``deepspeed.initialize`` (``device_type``: see ``ds_json_path``)."""
     section = config.deepspeed
-    ds = load_ds_json(section.config)
+    source = ds_json_path(config, device_type)
+    ds = load_ds_json(source)
     micro = config.data.micro_batch_size
     accumulation = accumulation_steps(config, data_parallel_size)
     expected = micro * accumulation * data_parallel_size
@@ -57,7 +90,7 @@ def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path)
                        ("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu")),
                        ("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"))):
         if value not in (None, "auto"):
-            raise ConfigError(f"{section.config}: {key}={value} is set in the DeepSpeed JSON; batch "
+            raise ConfigError(f"{source}: {key}={value} is set in the DeepSpeed JSON; batch "
                               "sizes belong to the training config (data.micro_batch_size, "
                               "deepspeed.gradient_accumulation_steps); remove it")
     if section.train_batch_size is not None and section.train_batch_size != expected:
@@ -74,12 +107,34 @@ def build_ds_config(config: TrainConfig, data_parallel_size: int, run_dir: Path)
     if section.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = section.zero_stage
     if section.precision is not None:
-        ds["bf16"] = {"enabled": section.precision == "bf16"}
-        fp16 = ds.get("fp16", {}) if section.precision == "fp16" else {}
-        ds["fp16"] = {**fp16, "enabled": section.precision == "fp16"}
+        _override_precision(ds, section.precision, section.zero_stage)
     ds.setdefault("zero_allow_untested_optimizer", True)  # the paper's factored Adam
     _add_monitors(ds, config, run_dir)
     return ds
+
+
+def _override_precision(ds: dict[str, Any], precision: str, zero_stage: int | None) -> None:
+    """``deepspeed.precision``. bf16 keeps gradients accumulated and reduced in fp32 (the
+    regime of ``zero1_bf16.json``, which resumes on another layout); DeepSpeed has that
+    optimizer from ZeRO stage 1 on, so a stage-0 JSON is raised to stage 1."""
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    fp16 = ds.get("fp16", {}) if precision == "fp16" else {}
+    ds["fp16"] = {**fp16, "enabled": precision == "fp16"}
+    data_types = {k: v for k, v in (ds.get("data_types") or {}).items() if k != "grad_accum_dtype"}
+    if precision != "bf16":
+        if data_types:
+            ds["data_types"] = data_types
+        else:
+            ds.pop("data_types", None)
+        return
+    ds["data_types"] = {**data_types, "grad_accum_dtype": "fp32"}
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 0:
+        if zero_stage == 0:
+            raise ConfigError("deepspeed.precision=bf16 with deepspeed.zero_stage=0: expected a "
+                              "ZeRO stage of 1 or 2 (bf16 accumulates gradients in fp32, which "
+                              "DeepSpeed offers from stage 1 on), found 0")
+        zero["stage"] = 1
 
 
 def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -89,7 +144,7 @@ def _add_monitors(ds: dict[str, Any], config: TrainConfig, run_dir: Path) -> Non
         ds["csv_monitor"] = {"enabled": True, "output_path": str(run_dir), "job_name": "metrics"}
     for monitor in ("wandb", "tensorboard", "comet"):
         if isinstance(ds.get(monitor), dict) and ds[monitor].get("enabled"):
-            raise ConfigError(f"{config.deepspeed.config}: {monitor}.enabled is set in the "
+            raise ConfigError(f"{ds_json_path(config)}: {monitor}.enabled is set in the "
                               "DeepSpeed JSON; the trainer drives W&B and TensorBoard itself "
                               "(tracking.wandb, tracking.tensorboard); remove that section")
 
@@ -110,7 +165,7 @@ def check_precision_supported(ds: dict[str, Any], config: TrainConfig) -> None:
         enabled = isinstance(ds.get(name), dict) and ds[name].get("enabled") is True
         if enabled and not supported():
             where = ("deepspeed.precision" if section.precision is not None
-                     else f"{section.config}: {name}.enabled")
+                     else f"{ds_json_path(config)}: {name}.enabled")
             raise ConfigError(
                 f"{where}: {name} is not supported on the {accelerator.device_name()} "
                 f"accelerator; expected fp32 or a precision it supports, found {name}")

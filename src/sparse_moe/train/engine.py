@@ -51,7 +51,8 @@ def build_engine(model: torch.nn.Module, config: TrainConfig, world: int, run_di
     if not training:
         engine, *_ = deepspeed.initialize(model=model, config=dict(INFERENCE_DS_CONFIG))
         return RunEngine(engine, dict(INFERENCE_DS_CONFIG))
-    ds_config = build_ds_config(config, world, run_dir)
+    device_type = next(model.parameters()).device.type
+    ds_config = build_ds_config(config, world, run_dir, device_type)
     optimizer = build_optimizer(moe_param_groups(model), config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule)
     guard = NonFiniteGuard(optimizer)  # after the scheduler, which wraps optimizer.step too

@@ -57,6 +57,7 @@ from sparse_moe.train.distributed import (
     is_collective_failure,
     roll_call_key,
 )
+from sparse_moe.train.ds_config import describe_ds_choice
 from sparse_moe.train.engine import build_engine
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
 from sparse_moe.train.export import load_export_into
@@ -104,15 +105,26 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        all_reduce_host(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
+        """(a signal reached some rank, some rank asks for a checkpoint): one all-reduce MAX
+        for both, so every rank acts on the same answers at the same step."""
+        flags = torch.tensor([1 if self.received is not None else 0, int(save_due)],
+                             dtype=torch.int32)
+        all_reduce_host(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A well-mixed seed for one micro-step of one rank (independent of history)."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def allow_tf32() -> None:
+    """``run.tf32``: fp32 matrix products and convolutions on the GPU's TF32 tensor cores (a
+    10-bit mantissa for the products, fp32 accumulation), which fp32 runs (and the fp32 parts
+    of bf16 runs: the LSTMs' fallback, the gates) otherwise do on the slower fp32 units."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def use_deterministic_kernels() -> None:
@@ -156,6 +168,8 @@ class Trainer:
         if config.run.deterministic:
             use_deterministic_kernels()  # before CUDA starts: cuBLAS reads its workspace then
         self.device = init_distributed(config.run.collective_timeout_minutes)
+        if self.device.type == "cuda" and config.run.tf32:
+            allow_tf32()
         if self.device.type == "cpu" and config.run.retain_host_memory:
             retain_freed_host_memory()  # before the model, engine and buffers are allocated
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -176,9 +190,13 @@ class Trainer:
             load_export_into(self.model, Path(config.run.init_from))  # replaced by a resume
         self.dispatchers = expert_parallel_dispatchers(self.model)
         self.engine = self._initialize_engine()
+        if self.rank == 0:
+            print(describe_ds_choice(config, self.device.type), flush=True)
         self.writer = RecordingWriter(self.engine.checkpoint_engine, self.faults)
         self.batches = self.task.train_reader()
         self.step = 0
+        self.saved_step = -1
+        self.last_save_time = time.monotonic()
         self.nonfinite_streak = 0
         self.save_due = False
         # The last logged training metrics, for the summary (a list of every log would grow
@@ -359,10 +377,13 @@ class Trainer:
                 self._log_evaluation(self.evaluate())
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_due = True
+            self.phase = f"the preemption and checkpoint agreement after step {self.step}"
+            preempted, time_due = self.preemption.agreed(self._checkpoint_time_due())
+            if time_due and self.step < cfg.steps:
+                self.save_due = True
             if self.save_due and self.nonfinite_streak == 0:
                 self.save()  # postponed while steps are being skipped: keep the last good one
-            self.phase = f"the preemption agreement after step {self.step}"
-            if self.preemption.agreed():
+            if preempted:
                 progress.close()
                 return self._stop_for_preemption()
         progress.close()
@@ -378,6 +399,13 @@ class Trainer:
             print_summary(summary, self.run_dir)
         return summary
 
+    def _checkpoint_time_due(self) -> bool:
+        """``run.save_every_minutes`` have passed since the last checkpoint (or the start), by
+        rank 0's clock: the ranks' clocks need not agree, the all-reduce makes them."""
+        minutes = self.config.run.save_every_minutes
+        return bool(minutes) and self.rank == 0 and (
+            time.monotonic() - self.last_save_time >= 60 * minutes)
+
     def _peak_memory_over_ranks(self) -> dict[str, Any]:
         """The largest peak of any rank under each key, and every rank's in ``..._per_rank``."""
         peaks: list[Any] = [None] * self.world
@@ -389,12 +417,14 @@ class Trainer:
         return out
 
     def _stop_for_preemption(self) -> dict[str, Any]:
-        """Saves, then marks the run preempted once every rank's files are written.
+        """Saves (unless this step was just saved), then marks the run preempted once every
+        rank's files are written.
 
         Launchers report exit statuses differently (torchrun turns any failure into 1), so
         ``<run>/preempted.json`` is what job scripts test to requeue; the status is 75 too.
         """
-        self.save()
+        if self.saved_step != self.step:
+            self.save()
         self.tracker.finish()
         self.phase = "the barrier after the preemption save"
         if self.rank == 0:
@@ -509,6 +539,7 @@ class Trainer:
         # resident beside the next steps' buffers.
         release_freed_host_memory()
         self.save_due = False
+        self.saved_step, self.last_save_time = self.step, time.monotonic()
 
 
 class ExpertWindow:
