@@ -16,15 +16,17 @@ fi
 PYTHON=${PYTHON:-python}
 
 # --- threads per process -----------------------------------------------------------------
-# One rank per GPU rarely needs more than a few CPU threads; set it to the CPUs per rank.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# The job scripts set OMP_NUM_THREADS to the CPUs each training process has (the task's
+# --cpus-per-task over the processes it starts); a value set here or outside wins.
 
 # --- NCCL (GPU clusters) ----------------------------------------------------------------
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # export NCCL_SOCKET_IFNAME=ib0          # the interface for bootstrap traffic
 # export NCCL_IB_HCA=mlx5                # InfiniBand adapters to use
-# export NCCL_ASYNC_ERROR_HANDLING=1     # a dead rank fails the job instead of hanging it
+# A dead rank fails the job instead of hanging it (the name before PyTorch 2.2 was
+# NCCL_ASYNC_ERROR_HANDLING, which PyTorch no longer reads).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# export NCCL_IB_TIMEOUT=22              # long InfiniBand retries on a congested fabric
 
 # --- wandb --------------------------------------------------------------------------------
 # Runs log offline by default (tracking.wandb_mode); sync later with `wandb sync <run>/wandb`.
@@ -33,7 +35,8 @@ export WANDB_SILENT=${WANDB_SILENT:-true}
 export PYTHONUNBUFFERED=1
 
 # --- DeepSpeed's JIT-compiled ops ----------------------------------------------------------
-# Ops are compiled at first use into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions),
-# under a lock file; a job killed mid-build leaves the lock behind and later jobs wait on it.
-# A node-local directory avoids both that and compiling over a shared file system:
+# The one op used (the CPU communication op, CPU runs only) is compiled at first use into
+# TORCH_EXTENSIONS_DIR, by default <virtualenv>/torch_extensions (parallel/startup.py), under
+# a lock the trainer clears when its owner is dead. A node-local directory avoids compiling
+# over a shared file system:
 # export TORCH_EXTENSIONS_DIR=/tmp/$USER/torch_extensions

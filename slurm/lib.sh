@@ -5,9 +5,13 @@
 #
 #   1. Slurm sends USR1 to the batch shell (`--signal=B:USR1@<seconds>`), or SIGTERM on a
 #      scheduler preemption or `scancel`.
-#   2. The shell's trap forwards the signal to the launcher's process tree on this node: srun
+#   2. The shell's trap forwards the signal to the training processes on this node: srun
 #      forwards it to its tasks on every node; a local launcher (torchrun, deepspeed) ignores
 #      USR1 (so that it survives) while its workers, which install their own handler, get it.
+#      TERM goes to the workers only (the processes a launcher started with LOCAL_RANK): the
+#      launcher itself would kill them after 30 s (DeepSpeed's at once), and waits for them
+#      instead; torchrun gets GRACE_SECONDS as its --shutdown-timeout for a TERM that Slurm
+#      sends it directly.
 #   3. The training processes agree at the next step boundary, save a checkpoint, rank 0 writes
 #      <run>/preempted.json, and they exit.
 #   4. `smoe_run` sees preempted.json and calls `scontrol requeue $SLURM_JOB_ID`; the requeued
@@ -22,16 +26,35 @@ smoe_die() {
     exit 2
 }
 
+# Where runs go unless RUN_DIR is given: RUN_ROOT, else $SCRATCH (the shared scratch file
+# system most clusters export), else runs/ in the checkout.
+smoe_default_run_dir() {
+    echo "${RUN_ROOT:-${SCRATCH:-$REPO_DIR/runs}}/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID:-0}"
+}
+
 # cd to the repository, load slurm/env.sh, create the run directory, report the job.
+# A training job needs CONFIG (its YAML); the data-prep job sets SMOE_NO_CONFIG=1.
 smoe_setup() {
     [[ -n "$REPO_DIR" && -d "$REPO_DIR" ]] || smoe_die "REPO_DIR=$REPO_DIR is not a directory"
     cd "$REPO_DIR" || exit 2
     # shellcheck disable=SC1091
     source slurm/env.sh
+    if [[ -z "${SMOE_NO_CONFIG:-}" && -z "$CONFIG" ]]; then
+        smoe_die "CONFIG is not set: expected the run's YAML (data.corpus, model.preset...)," \
+            "e.g. CONFIG=configs/my_run.yaml sbatch $0 (docs/launch.md)"
+    fi
     [[ -z "$CONFIG" || -f "$CONFIG" ]] || smoe_die "CONFIG=$CONFIG: no such file (from $PWD)"
     mkdir -p "$RUN_DIR" || smoe_die "cannot create RUN_DIR=$RUN_DIR"
     smoe_log "start: name=${SLURM_JOB_NAME:-} nodes=${SLURM_JOB_NODELIST:-$(hostname)}" \
-        "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} run_dir=$RUN_DIR"
+        "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} run_dir=$RUN_DIR config=${CONFIG:-none}"
+}
+
+# Threads for each training process: the CPUs Slurm gave the task, shared by the processes
+# the task starts ($1: 1 for srun tasks, the GPUs per node for a launcher task).
+smoe_threads_per_rank() {
+    local cpus=${SLURM_CPUS_PER_TASK:-1} ranks=${1:-1}
+    (( ranks > 0 )) || ranks=1
+    echo $(( cpus / ranks > 0 ? cpus / ranks : 1 ))
 }
 
 # The overrides every training launch gets: config, run directory, resume after a requeue.
@@ -40,6 +63,9 @@ smoe_train_args() {
     local args=()
     [[ -n "$CONFIG" ]] && args+=(--config "$CONFIG")
     args+=("run.dir=$RUN_DIR")
+    # A checkpoint every SAVE_EVERY_MINUTES of wall time bounds what a node failure, an NCCL
+    # abort or an OOM kill can lose (OVERRIDES may still set run.save_every_minutes).
+    args+=("run.save_every_minutes=${SAVE_EVERY_MINUTES:-30}")
     if [[ "$RESUME" == 1 || ( "$RESUME" == auto && "${SLURM_RESTART_COUNT:-0}" -gt 0 ) ]]; then
         args+=(run.resume=true)
     fi
@@ -64,9 +90,12 @@ smoe_gpus_per_node() {
     fi
 }
 
-# A rendezvous port derived from the job id, the same on every node of the job.
+# A rendezvous port derived from the job id and the restart count: the same on every node of
+# one start, another after a requeue (the previous start's may linger in TIME_WAIT), and in
+# 15000-24999, below Linux's ephemeral range (32768-60999 by default), from which the kernel
+# hands out the ports of outgoing connections.
 smoe_port() {
-    echo $(( 29500 + ${SLURM_JOB_ID:-0} % 10000 ))
+    echo $(( 15000 + (${SLURM_JOB_ID:-0} * 10 + ${SLURM_RESTART_COUNT:-0}) % 10000 ))
 }
 
 # Sends signal $1 to process $2 and all its descendants, deepest first.
@@ -77,6 +106,20 @@ smoe_signal_tree() {
         smoe_signal_tree "$sig" "$child"
     done
     kill -s "$sig" "$pid" 2>/dev/null
+}
+
+# The training processes a launcher started below process $1 (they carry LOCAL_RANK; the
+# launchers themselves do not), one pid per line.
+smoe_workers() {
+    local pid=$1 child children
+    children=$(cat /proc/"$pid"/task/*/children 2>/dev/null)
+    for child in $children; do
+        if tr '\0' '\n' < /proc/"$child"/environ 2>/dev/null | grep -q '^LOCAL_RANK='; then
+            echo "$child"
+        else
+            smoe_workers "$child"
+        fi
+    done
 }
 
 _smoe_requeue() {
@@ -90,7 +133,16 @@ _smoe_requeue() {
 _smoe_forward() {
     SMOE_SIGNAL=$1
     smoe_log "received SIG$1: forwarding it to the training processes (pid ${SMOE_CHILD:-none})"
-    [[ -n "${SMOE_CHILD:-}" ]] && smoe_signal_tree "$1" "$SMOE_CHILD"
+    if [[ -n "${SMOE_CHILD:-}" ]]; then
+        local workers=""
+        [[ "$1" == TERM ]] && workers=$(smoe_workers "$SMOE_CHILD")
+        if [[ -n "$workers" ]]; then
+            # shellcheck disable=SC2086
+            kill -s TERM $workers 2>/dev/null
+        else
+            smoe_signal_tree "$1" "$SMOE_CHILD"
+        fi
+    fi
     if [[ "$1" == USR1 && -z "${SMOE_RESENDER:-}" ]]; then
         ( while sleep "${SMOE_RESEND_SECONDS:-15}"; do kill -s USR1 $$ || exit 0; done ) &
         SMOE_RESENDER=$!

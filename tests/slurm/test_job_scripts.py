@@ -66,19 +66,32 @@ def test_srun_two_tasks_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_p
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("nodes, hostfile", [
-    (1, ["smoenode1", "slots=2"]),  # the launcher starts the processes itself
-    (2, ["smoenode1", "slots=1", "smoenode2", "slots=1"]),  # through srun (--launcher slurm)
-], ids=["one-node", "two-nodes"])
-def test_deepspeed_launcher_completes_and_matches(slurm, wt_corpus, direct_run, tmp_path,
-                                                  nodes, hostfile):
+def test_deepspeed_launcher_completes_and_matches(slurm, wt_corpus, direct_run, tmp_path):
+    """One node: the launcher starts both processes itself (``deepspeed --module``)."""
     run_dir = tmp_path / "run"
-    job = submit(slurm, "train_deepspeed.sbatch", tmp_path / "logs", f"--nodes={nodes}",
-                 f"--gpus-per-node={2 // nodes}", f"--cpus-per-task={2 // nodes}",
-                 **_variables(wt_corpus, run_dir))
+    job = submit(slurm, "train_deepspeed.sbatch", tmp_path / "logs", "--nodes=1",
+                 "--gpus-per-node=2", "--cpus-per-task=2", **_variables(wt_corpus, run_dir))
     _assert_completed(job, job.wait())
-    assert (run_dir / "hostfile").read_text().split() == hostfile
+    assert (run_dir / "hostfile").read_text().split() == ["smoenode1", "slots=2"]
     assert read_metric(run_dir, "train_loss") == direct_run
+    assert "1 threads per process" in job.text()  # 2 CPUs shared by 2 processes
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("script, sbatch_args, variables, message", [
+    ("train_deepspeed.sbatch", ["--nodes=2"], {},
+     "train_deepspeed.sbatch runs on one node, found --nodes=2; use slurm/train_torchrun.sbatch"),
+    ("train_torchrun.sbatch", ["--nodes=1"], {"CONFIG": ""},
+     "CONFIG is not set: expected the run's YAML"),
+], ids=["deepspeed-two-nodes", "no-config"])
+def test_templates_refuse_what_they_cannot_run(slurm, wt_corpus, tmp_path, script, sbatch_args,
+                                               variables, message):
+    run_dir = tmp_path / "run"
+    job = submit(slurm, script, tmp_path / "logs", *sbatch_args, "--gpus-per-node=1",
+                 "--cpus-per-task=1", **{**_variables(wt_corpus, run_dir), **variables})
+    info = job.wait(timeout=120)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", job.text()[-3000:]
+    assert message in job.text(), job.text()[-3000:]
 
 
 def _wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> None:
@@ -222,3 +235,39 @@ def test_invalid_configuration_fails_fast_with_its_error_in_the_log(slurm, wt_co
     assert not (run_dir / "checkpoints").exists()
     minutes, seconds = info["RunTime"].split(":")[-2:]
     assert int(minutes) * 60 + int(seconds) < 60, f"took {info['RunTime']} to fail"
+
+
+@pytest.mark.timeout(400)
+def test_prep_builds_one_corpus_from_several_shards_and_training_follows_it(slurm, wt_corpus,
+                                                                           tmp_path):
+    """prep.sbatch encodes a glob of train shards into one corpus (two encoding processes);
+    a training job chained on it with --dependency=afterok reads that corpus."""
+    text = (Path(wt_corpus["root"]) / "train.txt").read_text(encoding="utf-8").splitlines()
+    shards = tmp_path / "raw"
+    shards.mkdir()
+    half = len(text) // 2
+    for i, part in enumerate((text[:half], text[half:])):
+        (shards / f"news.en-{i:05d}-of-00002").write_text("\n".join(part) + "\n")
+    valid = Path(wt_corpus["root"]) / "valid.txt"
+    corpus = tmp_path / "corpus"
+    prep = submit(slurm, "prep.sbatch", tmp_path / "logs", "--cpus-per-task=2",
+                  TRAIN_TEXT=f"{shards}/news.en-*", VALID_TEXT=str(valid), OUTPUT=str(corpus),
+                  VOCAB_SIZE="300")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  corpus: {corpus}\n  tokenizer: {corpus}/tokenizer/sp.model\n"
+                      "  eval_splits: [valid]\nmodel:\n  preset: debug-moe\n")
+    run_dir = tmp_path / "run"
+    train = submit(slurm, "train_srun.sbatch", tmp_path / "logs", f"--dependency=afterok:{prep.job_id}",
+                   "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1",
+                   CONFIG=str(config), RUN_DIR=str(run_dir),
+                   OVERRIDES="run.steps=3 run.log_every=1 run.eval_batches=1 run.progress=false "
+                             "data.micro_batch_size=4 data.seq_len=16 parallel.ep_size=2")
+    _assert_completed(prep, prep.wait(timeout=300))
+    assert "encoding train: 2 file(s), 2 processes" in prep.text()
+    train_split = json.loads((corpus / "manifest.json").read_text())["splits"]["train"]
+    assert len(train_split["settings"]["source"]["inputs"]) == 2
+    # A document per non-blank line of both shards, in the one corpus.
+    assert sum(shard["documents"] for shard in train_split["shards"]) == sum(
+        1 for line in text if line.strip())
+    _assert_completed(train, train.wait(timeout=300))
+    assert sorted(read_metric(run_dir, "train_loss")) == [1, 2, 3]
