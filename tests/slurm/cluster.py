@@ -220,7 +220,9 @@ class LocalSlurm:
             f"AuthInfo=cred_expire=10,socket={self.munge_socket}",
             "MpiDefault=none", "MailProg=/bin/true",
             # pgid, not linuxproc: the job's leftover processes are killed with it.
-            "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "KillWait=10",
+            # task/affinity: each task is bound to the CPUs it was given, as on real clusters,
+            # so a step started without --cpus-per-task shows in the ranks' CPU binding.
+            "ProctrackType=proctrack/pgid", "TaskPlugin=task/affinity", "KillWait=10",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",

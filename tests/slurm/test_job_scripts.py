@@ -63,6 +63,23 @@ def test_srun_two_tasks_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_p
     _assert_completed(job, job.wait())
     assert read_metric(run_dir, "train_loss") == direct_run
     assert _wandb_group(run_dir) == job.job_id  # W&B runs grouped by the job id
+    # Each rank is bound to the one CPU of its task, a different one for each.
+    bindings = _cpu_binding(job.text())
+    assert [len(cpus) for cpus in bindings] == [1, 1] and bindings[0] != bindings[1], bindings
+
+
+def _cpu_binding(log: str) -> list[list[int]]:
+    """The CPUs of each rank, from the trainer's ``CPU binding:`` line (rank order)."""
+    line = re.search(r"CPU binding: (.*)", log)
+    assert line, log[-3000:]
+    ranks = []
+    for listed in re.findall(r"CPU\(s\) \[([^\]]*)\]", line.group(1)):
+        cpus = []
+        for part in listed.split(","):
+            first, _, last = part.partition("-")
+            cpus += list(range(int(first), int(last or first) + 1))
+        ranks.append(cpus)
+    return ranks
 
 
 @pytest.mark.timeout(300)
@@ -135,6 +152,38 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
     superseded = list((run_dir / "wandb" / "superseded").glob(f"offline-run-*-{run_id}"))
     assert len(superseded) == 1, superseded
     assert read_offline_run(files[0]).values("train/loss") == direct_run
+
+
+@pytest.mark.timeout(500)
+def test_term_with_a_save_longer_than_30_s_saves_requeues_and_resumes(slurm, wt_corpus,
+                                                                      direct_run, tmp_path):
+    """TERM to the batch shell while each checkpoint file takes 6 s to write (a save of over
+    30 s, torchrun's default grace): the workers get the TERM, torchrun waits for them, the
+    save completes, and the requeued job resumes from it to the same losses."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=1",
+                 "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-task=2",
+                 SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY="6", **_variables(wt_corpus, run_dir))
+    _wait_for_step(job, run_dir, 2)
+    slurm.command("scancel", "--batch", "--signal=TERM", job.job_id)
+    info = job.wait(timeout=450)
+    _assert_completed(job, info)
+    log = job.text()
+    # The node's task has 2 CPUs (the inner srun gets --cpus-per-task too): both workers see
+    # both, and share them with one thread each.
+    assert "threads per process: 1 (--cpus-per-task=2, 2 processes a node)" in log
+    assert [len(cpus) for cpus in _cpu_binding(log)] == [2, 2], log[-3000:]
+    assert info["Restarts"] == "1", log[-5000:]
+    preempted = re.search(r"\[(\S+ \S+)\] .* preempted: (\{.*\}); requeueing job", log)
+    received = re.search(r"\[(\S+ \S+)\] .* received SIGTERM", log)
+    assert preempted and received, log[-5000:]
+    marker = json.loads(preempted.group(2))
+    assert marker["signal"] == "SIGTERM" and 2 <= marker["step"] < STEPS
+    seconds = (time.mktime(time.strptime(preempted.group(1), "%Y-%m-%d %H:%M:%S"))
+               - time.mktime(time.strptime(received.group(1), "%Y-%m-%d %H:%M:%S")))
+    assert seconds > 30, f"the save took {seconds} s: not longer than torchrun's default grace"
+    assert f"at step {marker['step']} (SLURM_RESTART_COUNT=1)" in log
+    assert read_metric(run_dir, "train_loss") == direct_run
 
 
 def _wandb_group(run_dir: Path) -> str:

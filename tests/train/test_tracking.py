@@ -123,7 +123,7 @@ def test_wandb_history_holds_every_metric_at_every_logged_step(tracked_run):
 
 
 def test_dead_experts_are_those_without_a_token_over_the_whole_window():
-    from sparse_moe.train.trainer import ExpertWindow
+    from sparse_moe.train.tracking import ExpertWindow
 
     rng = np.random.default_rng(0)
     steps = [[list(rng.integers(0, 3, size=6) * rng.integers(0, 2, size=6)) for _ in range(2)]

@@ -74,6 +74,46 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     return device
 
 
+def cpu_binding() -> dict[str, Any]:
+    """Where this process may run: its host, the CPUs of its affinity mask, and its threads."""
+    import socket
+
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"host": socket.gethostname().split(".")[0], "cpus": cpus,
+            "threads": torch.get_num_threads()}
+
+
+def describe_cpu_binding(bindings: list[dict[str, Any]], detail_up_to: int = 16) -> str:
+    """One line for the log: every rank's CPUs up to ``detail_up_to`` ranks, else the counts.
+
+    What to check in a job's first minute: a rank that has fewer CPUs than its threads (an
+    ``srun`` without ``--cpus-per-task``) runs them on top of each other."""
+    if len(bindings) <= detail_up_to:
+        parts = [f"rank {rank} on {b['host']}: {len(b['cpus'])} CPU(s) "
+                 f"[{_ranges(b['cpus'])}], {b['threads']} thread(s)"
+                 for rank, b in enumerate(bindings)]
+        return "CPU binding: " + "; ".join(parts)
+    counts: dict[tuple[int, int], int] = {}
+    for b in bindings:
+        key = (len(b["cpus"]), b["threads"])
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{n} rank(s) with {cpus} CPU(s) and {threads} thread(s)"
+             for (cpus, threads), n in sorted(counts.items())]
+    return "CPU binding: " + "; ".join(parts)
+
+
+def _ranges(cpus: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    out, start = [], None
+    for i, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            out.append(f"{start}" if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(out)
+
+
 def local_gpu_index(local_rank: int, visible: int) -> int:
     """This process's GPU: the one its ``LOCAL_RANK`` names among those it sees.
 

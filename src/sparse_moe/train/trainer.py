@@ -52,7 +52,9 @@ from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_ch
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (
     all_reduce_host,
+    cpu_binding,
     describe_collective_failure,
+    describe_cpu_binding,
     init_distributed,
     is_collective_failure,
     roll_call_key,
@@ -75,7 +77,14 @@ from sparse_moe.train.relayout import (
 )
 from sparse_moe.train.step_metrics import StepMetrics, StepRecord, global_grad_norm
 from sparse_moe.train.tasks import IGNORE, make_task
-from sparse_moe.train.tracking import NoTracker, Tracker, continue_metrics, dashboard_config
+from sparse_moe.train.tracking import (
+    ExpertWindow,
+    NoTracker,
+    Tracker,
+    continue_metrics,
+    dashboard_config,
+    sample_translations,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 # Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
@@ -173,6 +182,7 @@ class Trainer:
         if self.device.type == "cpu" and config.run.retain_host_memory:
             retain_freed_host_memory()  # before the model, engine and buffers are allocated
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._report_cpu_binding()
         self.roll_call = roll_call_key()
         self.faults: FaultHooks = FaultInjection.from_environment(self.rank)
         self.run_dir = Path(config.run.dir)
@@ -228,6 +238,12 @@ class Trainer:
                          yaml.safe_dump(to_dict(self.config), sort_keys=False))
         dist.barrier()
         self.wandb_run_id = (self.run_dir / "wandb_run_id").read_text().strip()
+
+    def _report_cpu_binding(self) -> None:
+        bindings: list[Any] = [None] * self.world
+        dist.all_gather_object(bindings, cpu_binding())
+        if self.rank == 0:
+            print(describe_cpu_binding(bindings), flush=True)
 
     def _start_tracker(self) -> Tracker | NoTracker:
         """Rank 0's dashboards, started at the step the run continues from (after a resume)."""
@@ -540,37 +556,6 @@ class Trainer:
         release_freed_host_memory()
         self.save_due = False
         self.saved_step, self.last_save_time = self.step, time.monotonic()
-
-
-class ExpertWindow:
-    """Tokens per expert of every MoE layer, summed over the steps after ``since``."""
-
-    def __init__(self, since: int = 0) -> None:
-        self.since = since
-        self.counts: list[list[float]] = []
-
-    def add(self, counts: list[list[float]]) -> None:
-        if not self.counts:
-            self.counts = [list(layer) for layer in counts]
-            return
-        for total, layer in zip(self.counts, counts):
-            for i, value in enumerate(layer):
-                total[i] += value
-
-    def dead_experts(self) -> dict[str, float]:
-        """Per layer, the experts that received no token in the window."""
-        return {f"moe{i}/dead_experts": float(sum(1 for c in layer if c == 0))
-                for i, layer in enumerate(self.counts)}
-
-
-def sample_translations(run_dir: Path, split: str, count: int) -> list[list[str]]:
-    """The first ``count`` (reference, hypothesis) pairs rank 0 wrote for ``split``."""
-    hyp, ref = (run_dir / "translations" / f"{split}.{ext}" for ext in ("hyp", "ref"))
-    if not (hyp.is_file() and ref.is_file()):
-        return []
-    hyps = hyp.read_text(encoding="utf-8").splitlines()[:count]
-    refs = ref.read_text(encoding="utf-8").splitlines()[:count]
-    return [[r, h] for r, h in zip(refs, hyps)]
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

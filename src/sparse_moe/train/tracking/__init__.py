@@ -6,6 +6,7 @@ group and filter by (``run_info.py``)."""
 from sparse_moe.train.tracking.metric_files import JOURNAL, continue_metrics
 from sparse_moe.train.tracking.run_info import dashboard_config
 from sparse_moe.train.tracking.tracker import NoTracker, Tracker, read_journal
+from sparse_moe.train.tracking.windows import ExpertWindow, sample_translations
 
-__all__ = ["JOURNAL", "NoTracker", "Tracker", "continue_metrics", "dashboard_config",
-           "read_journal"]
+__all__ = ["JOURNAL", "ExpertWindow", "NoTracker", "Tracker", "continue_metrics",
+           "dashboard_config", "read_journal", "sample_translations"]
