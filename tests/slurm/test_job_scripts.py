@@ -18,22 +18,31 @@ from tests.train.conftest import run_training
 from tests.wandb_files import offline_run_files, read_offline_run
 
 STEPS = 10
-CONFIG = "configs/demo.yaml"
+
+
+def _user_config(wt_corpus) -> str:
+    """A user's run YAML, outside the checkout (the templates have no default config)."""
+    path = Path(wt_corpus["root"]) / "my_run.yaml"
+    if not path.exists():
+        path.write_text(f"# my run\ndata:\n  corpus: {wt_corpus['corpus']}\n"
+                        f"  tokenizer: {wt_corpus['tokenizer']}\nmodel:\n  preset: debug-moe\n"
+                        "optimizer:\n  name: adam\n  lr: 0.01\ntracking:\n  project: slurm-tests\n")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def direct_run(wt_corpus, tmp_path_factory) -> dict[int, float]:
     """The reference: the same configuration, two ranks, launched directly with torchrun."""
     run_dir = tmp_path_factory.mktemp("direct") / "run"
-    run_training(["--config", CONFIG, f"run.dir={run_dir}", *train_overrides(wt_corpus, STEPS)],
-                 nproc=2)
+    run_training(["--config", _user_config(wt_corpus), f"run.dir={run_dir}",
+                  *train_overrides(wt_corpus, STEPS)], nproc=2)
     losses = read_metric(run_dir, "train_loss")
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
 
 def _variables(wt_corpus, run_dir: Path, steps: int = STEPS, *extra: str) -> dict[str, str]:
-    return {"CONFIG": CONFIG, "RUN_DIR": str(run_dir),
+    return {"CONFIG": _user_config(wt_corpus), "RUN_DIR": str(run_dir),
             "OVERRIDES": " ".join(train_overrides(wt_corpus, steps, *extra))}
 
 
@@ -251,7 +260,7 @@ def test_sweep_array_writes_one_run_per_configuration(slurm, wt_corpus, tmp_path
     sweep_dir = tmp_path / "sweep"
     variables = _variables(wt_corpus, tmp_path / "unused", 3, "parallel.ep_size=1")
     job = submit(slurm, "sweep.sbatch", tmp_path / "logs", "--array=0-1",
-                 "--gpus-per-node=1", "--cpus-per-task=1", CONFIG=CONFIG,
+                 "--gpus-per-node=1", "--cpus-per-task=1", CONFIG=_user_config(wt_corpus),
                  OVERRIDES=variables["OVERRIDES"], SWEEP_FILE=str(sweep_file),
                  SWEEP_DIR=str(sweep_dir))
     deadline = time.time() + 240
