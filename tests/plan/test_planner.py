@@ -56,16 +56,24 @@ def test_counts_equal_the_real_rank_model_and_its_optimizer_state(preset, ep):
     assert plan.bytes_per_rank["optimizer"] == 4 * optimizer_state_numel(optimizer)
 
 
-def test_half_precision_and_zero_partition_what_the_regime_says():
+def test_half_precision_and_zero_partition_what_the_regime_says(tmp_path):
     fp32 = _plan("model.preset=moe-32", "parallel.ep_size=4", world=8)
-    bf16 = _plan("model.preset=moe-32", "parallel.ep_size=4", "deepspeed.precision=bf16",
+    # bf16 without ZeRO and with bf16 gradient accumulation: a JSON that asks for it.
+    bf16_zero0 = tmp_path / "bf16_zero0.json"
+    bf16_zero0.write_text('{"bf16": {"enabled": true}, "zero_optimization": {"stage": 0}}')
+    bf16 = _plan("model.preset=moe-32", "parallel.ep_size=4", f"deepspeed.config={bf16_zero0}",
                  world=8)
     zero1 = _plan("model.preset=moe-32", "parallel.ep_size=4",
                   "deepspeed.config=ds_configs/zero1_bf16.json", world=8)
+    # deepspeed.precision=bf16 on the fp32 JSON keeps fp32 accumulation: zero1_bf16's regime.
+    overridden = _plan("model.preset=moe-32", "parallel.ep_size=4",
+                       "deepspeed.config=ds_configs/cpu_fp32.json", "deepspeed.precision=bf16",
+                       world=8)
     count = fp32.params_per_rank
     assert bf16.bytes_per_rank["parameters"] == 2 * count
     assert bf16.regime["optimizer_wrapper"] == "fp16_optimizer"
     assert zero1.regime["optimizer_wrapper"] == "bf16_optimizer"
+    assert overridden.regime == zero1.regime
     # ZeRO-1 splits the fp32 masters: dense over 8 ranks, experts over 2. FactoredAdam's
     # moments on the partitions are rows + columns per matrix, well under one per element.
     shard = fp32.params_detail["dense"] / 8 + fp32.params_detail["experts"] / 2

@@ -166,13 +166,15 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
 @pytest.mark.timeout(500)
 def test_term_with_a_save_longer_than_30_s_saves_requeues_and_resumes(slurm, wt_corpus,
                                                                       direct_run, tmp_path):
-    """TERM to the batch shell while each checkpoint file takes 6 s to write (a save of over
+    """TERM to the batch shell while each checkpoint file takes 8 s to write (a save of over
     30 s, torchrun's default grace): the workers get the TERM, torchrun waits for them, the
     save completes, and the requeued job resumes from it to the same losses."""
     run_dir = tmp_path / "run"
     job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=1",
                  "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-task=2",
-                 SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY="6", **_variables(wt_corpus, run_dir))
+                 SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY="8",
+                 SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY_RESTART="0",  # the requeued start saves fast
+                 **_variables(wt_corpus, run_dir))
     _wait_for_step(job, run_dir, 2)
     slurm.command("scancel", "--batch", "--signal=TERM", job.job_id)
     info = job.wait(timeout=450)

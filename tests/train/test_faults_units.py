@@ -148,3 +148,14 @@ def test_command_line_returns_the_faults_status_with_one_message(error, status, 
     monkeypatch.setattr(cli, "check_inputs", lambda config, source: None)
     assert cli.main(["data.corpus=x"]) == status
     assert capsys.readouterr().err == f"sparse-moe-train: error: {error} at step 7\n"
+
+
+def test_save_delay_can_be_limited_to_one_job_start(monkeypatch):
+    from sparse_moe.train.fault_injection import FaultInjection
+
+    monkeypatch.setenv("SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY", "8")
+    assert FaultInjection.from_environment(0).save_delay == 8.0
+    monkeypatch.setenv("SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY_RESTART", "0")
+    assert FaultInjection.from_environment(0).save_delay == 8.0  # SLURM_RESTART_COUNT unset: 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert FaultInjection.from_environment(0).save_delay == 0.0

@@ -24,11 +24,15 @@ RUN_AND_LIST_THREADS = """
 import json, os, sys, threading
 from sparse_moe.train.cli import main
 
+# Not communication threads: jemalloc's background purger, which pyarrow starts when wandb
+# imports it to log an image, runs until the process exits by design.
+ALLOCATOR_THREADS = {"jemalloc_bg_thd"}
+
 def native_threads():
     python = {t.native_id for t in threading.enumerate()}
     tids = [int(t) for t in os.listdir("/proc/self/task")]
-    return sorted(open(f"/proc/self/task/{t}/comm").read().strip()
-                  for t in tids if t not in python)
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in tids if t not in python)
+    return sorted(name for name in names if name not in ALLOCATOR_THREADS)
 
 status = main(sys.argv[1:])
 rank = os.environ.get("RANK", "0")

@@ -7,6 +7,9 @@ choose where they fail. Unset variables inject nothing; production runs never se
     SPARSE_MOE_TRAIN_FAULT_NAN_STEPS=3,5    multiply the loss by NaN at these steps (1-based)
     SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY=0.2   sleep this many seconds after every checkpoint file,
                                             widening the window in which a kill hits a save
+    SPARSE_MOE_TRAIN_FAULT_SAVE_DELAY_RESTART=0
+                                            only in the job start whose SLURM_RESTART_COUNT
+                                            (0 when unset) is this one
     SPARSE_MOE_TRAIN_FAULT_ENOSPC_SAVE=2    the 2nd checkpoint save of this process fails with
                                             ENOSPC after writing half of its first file
 """
@@ -62,8 +65,11 @@ class FaultInjection:
         ranks = _ints("RANKS")
         if ranks and rank not in ranks:
             return cls()
-        return cls(nan_steps=_ints("NAN_STEPS"),
-                   save_delay=float(os.environ.get(PREFIX + "SAVE_DELAY", "0") or 0),
+        delay = float(os.environ.get(PREFIX + "SAVE_DELAY", "0") or 0)
+        restart = os.environ.get(PREFIX + "SAVE_DELAY_RESTART")
+        if restart is not None and restart != os.environ.get("SLURM_RESTART_COUNT", "0"):
+            delay = 0.0
+        return cls(nan_steps=_ints("NAN_STEPS"), save_delay=delay,
                    enospc_save=int(os.environ.get(PREFIX + "ENOSPC_SAVE", "0") or 0))
 
     def loss(self, loss: Tensor, step: int) -> Tensor:

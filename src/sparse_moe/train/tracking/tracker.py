@@ -60,7 +60,7 @@ class Tracker:
         import wandb
 
         offline = self.tracking.wandb_mode == "offline"
-        if offline and start_step > 0:
+        if offline:  # a run started anew in the directory supersedes the earlier one too
             self._supersede_offline_attempts()
         tracking = self.tracking
         run = wandb.init(
