@@ -11,7 +11,7 @@
 #      TERM goes to the workers only (the processes a launcher started with LOCAL_RANK): the
 #      launcher itself would kill them after 30 s (DeepSpeed's at once), and waits for them
 #      instead; torchrun gets GRACE_SECONDS as its --shutdown-timeout for a TERM that Slurm
-#      sends it directly.
+#      sends it directly. To srun a TERM is forwarded as USR1: srun aborts its step on a TERM.
 #   3. The training processes agree at the next step boundary, save a checkpoint, rank 0 writes
 #      <run>/preempted.json, and they exit.
 #   4. `smoe_run` sees preempted.json and calls `scontrol requeue $SLURM_JOB_ID`; the requeued
@@ -132,18 +132,23 @@ _smoe_requeue() {
 # so it is sent again every SMOE_RESEND_SECONDS until the run ends; the handler is idempotent.
 _smoe_forward() {
     SMOE_SIGNAL=$1
-    smoe_log "received SIG$1: forwarding it to the training processes (pid ${SMOE_CHILD:-none})"
-    if [[ -n "${SMOE_CHILD:-}" ]]; then
-        local workers=""
-        [[ "$1" == TERM ]] && workers=$(smoe_workers "$SMOE_CHILD")
-        if [[ -n "$workers" ]]; then
-            # shellcheck disable=SC2086
-            kill -s TERM $workers 2>/dev/null
-        else
-            smoe_signal_tree "$1" "$SMOE_CHILD"
-        fi
+    local sig=$1 workers=""
+    [[ "$1" == TERM && -n "${SMOE_CHILD:-}" ]] && workers=$(smoe_workers "$SMOE_CHILD")
+    if [[ "$1" == TERM && -z "$workers" ]]; then
+        # No local workers: the child is srun (or the trainer itself). srun ends its step at
+        # once on a TERM ("forcing job termination"), while it forwards a USR1 to its tasks,
+        # which then save and exit exactly as on a TERM.
+        sig=USR1
     fi
-    if [[ "$1" == USR1 && -z "${SMOE_RESENDER:-}" ]]; then
+    smoe_log "received SIG$1: forwarding it to the training processes as SIG$sig" \
+        "(pid ${SMOE_CHILD:-none})"
+    if [[ -n "$workers" ]]; then
+        # shellcheck disable=SC2086
+        kill -s TERM $workers 2>/dev/null
+    elif [[ -n "${SMOE_CHILD:-}" ]]; then
+        smoe_signal_tree "$sig" "$SMOE_CHILD"
+    fi
+    if [[ "$sig" == USR1 && -z "${SMOE_RESENDER:-}" ]]; then
         ( while sleep "${SMOE_RESEND_SECONDS:-15}"; do kill -s USR1 $$ || exit 0; done ) &
         SMOE_RESENDER=$!
     fi

@@ -189,7 +189,10 @@ def test_term_with_a_save_longer_than_30_s_saves_requeues_and_resumes(slurm, wt_
     received = re.search(r"\[(\S+ \S+)\] .* received SIGTERM", log)
     assert preempted and received, log[-5000:]
     marker = json.loads(preempted.group(2))
-    assert marker["signal"] == "SIGTERM" and 2 <= marker["step"] < STEPS
+    # The batch shell forwards the TERM to srun as USR1 (srun would abort its step on a TERM).
+    assert "received SIGTERM: forwarding it to the training processes as SIGUSR1" in log
+    assert "forcing job termination" not in log, log[-5000:]
+    assert marker["signal"] == "SIGUSR1" and 2 <= marker["step"] < STEPS
     seconds = (time.mktime(time.strptime(preempted.group(1), "%Y-%m-%d %H:%M:%S"))
                - time.mktime(time.strptime(received.group(1), "%Y-%m-%d %H:%M:%S")))
     assert seconds > 30, f"the save took {seconds} s: not longer than torchrun's default grace"

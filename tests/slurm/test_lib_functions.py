@@ -96,3 +96,32 @@ def test_term_goes_to_the_workers_and_the_launcher_waits_for_them(tmp_path):
     lines = log.read_text().splitlines()
     assert lines == ["worker ready", "worker TERM", "launcher saw 75"], (lines, output)
     assert "received SIGTERM" in output and "finished with status 0" in output
+
+
+SRUN_STAND_IN = r"""
+import signal, sys, time
+# Records the signals it gets, as srun would forward them (srun aborts its step on a TERM).
+log = sys.argv[1]
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda s, f: open(log, "a").write(f"{signal.Signals(s).name}\n"))
+open(log, "a").write("ready\n")
+while "SIGUSR1" not in open(log).read():
+    time.sleep(0.05)
+"""
+
+
+def test_term_reaches_srun_as_usr1(tmp_path):
+    log = tmp_path / "signals.log"
+    proc = subprocess.Popen(["bash", "-c", f'source slurm/lib.sh; RUN_DIR={tmp_path}; '
+                             f'SMOE_RESEND_SECONDS=1 smoe_run {sys.executable} -c "$SRUN" {log}'],
+                            cwd=REPO, env={"PATH": os.environ["PATH"], "SRUN": SRUN_STAND_IN},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (log.exists() and "ready" in log.read_text()):
+        assert time.time() < deadline and proc.poll() is None, "the stand-in never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["ready", "SIGUSR1"] and "SIGTERM" not in lines, (lines, output)
+    assert "received SIGTERM: forwarding it to the training processes as SIGUSR1" in output

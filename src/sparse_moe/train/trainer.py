@@ -374,7 +374,7 @@ class Trainer:
             window_tokens += record.tokens
             self.window.add(record.expert_counts)
             self.eval_window.add(record.expert_counts)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self._logs(self.step):
                 elapsed = time.time() - window_start
                 metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
                 metrics["model_flops_per_second"] = (2 * self.multiply_adds_per_token
@@ -414,6 +414,10 @@ class Trainer:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             print_summary(summary, self.run_dir)
         return summary
+
+    def _logs(self, step: int) -> bool:
+        """Whether ``step`` is a logged one (every ``run.log_every`` steps, and the last)."""
+        return step % self.config.run.log_every == 0 or step == self.config.run.steps
 
     def _checkpoint_time_due(self) -> bool:
         """``run.save_every_minutes`` have passed since the last checkpoint (or the start), by
@@ -466,7 +470,8 @@ class Trainer:
                 loss = self.faults.loss(parts.total, self.step + 1)
                 self.guard.note_loss(loss)
                 engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and not self.run_engine.optimizer_wrapped:
+            if (engine.is_gradient_accumulation_boundary() and self._logs(self.step + 1)
+                    and not self.run_engine.optimizer_wrapped):
                 # DeepSpeed reports a gradient norm only from its wrappers (ZeRO, bf16, fp16).
                 step.grad_norm = global_grad_norm(engine.module, self.world,
                                                   self.config.parallel.ep_size)
