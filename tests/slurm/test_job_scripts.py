@@ -55,12 +55,15 @@ def _assert_completed(job: Job, info: dict[str, str]) -> None:
 def test_torchrun_two_nodes_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_path):
     run_dir = tmp_path / "run"
     job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
-                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=2",
                  **_variables(wt_corpus, run_dir))
     _assert_completed(job, job.wait())
     assert "torchrun: 2 nodes x 1 processes, rendezvous smoenode1:" in job.text()
     assert read_metric(run_dir, "train_loss") == direct_run
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+    # Each node's task has 2 CPUs, and so has its one worker (the inner srun is given the
+    # job's --cpus-per-task; Slurm 22.05 would start the step with 1 CPU otherwise).
+    assert [len(cpus) for cpus in _cpu_binding(job.text())] == [2, 2], job.text()[-3000:]
 
 
 @pytest.mark.timeout(300)
@@ -138,7 +141,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
     """USR1 to the batch shell (what --signal=B:USR1 does), once, in the middle of the run."""
     run_dir = tmp_path / "run"
     job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
-                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=2",
                  **_variables(wt_corpus, run_dir))
     _wait_for_step(job, run_dir, 2)
     slurm.command("scancel", "--batch", "--signal=USR1", job.job_id)
@@ -231,7 +234,7 @@ def test_a_preempted_two_node_run_continues_on_one_node_with_the_same_global_bat
              "deepspeed.gradient_accumulation_steps=auto"]
     variables = _variables(wt_corpus, run_dir, STEPS, *extra)
     first = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
-                   "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", **variables)
+                   "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=2", **variables)
     try:
         _wait_for_step(first, run_dir, 2)
         slurm.command("scontrol", "update", "nodename=smoenode2", "state=drain",

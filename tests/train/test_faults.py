@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -336,7 +337,10 @@ def test_a_dead_rank_ends_the_survivor_with_a_message(wt_corpus, tmp_path):
     assert procs[0].returncode not in (0, None)
     assert waited < 30 + 10 + 20, f"the survivor took {waited:.0f} s"  # timeout + roll call + slack
     message = next(line for line in stderr.splitlines() if line.startswith("sparse-moe-train: error"))
-    assert "rank 0 of 2: a collective failed during step" in message, message
+    # Killed at a random moment, rank 1 is missed by the next collective rank 0 enters: one of
+    # a step's, or the agreement on preemption and checkpoints that ends every step.
+    assert re.search(r"rank 0 of 2: a collective failed during (step \d+ \(forward|the "
+                     r"preemption and checkpoint agreement after step \d+)", message), message
     assert "rank(s) [1] did not answer" in message, message
     assert "after 0.5 min (run.collective_timeout_minutes)" in message, message
 

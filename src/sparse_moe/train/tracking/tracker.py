@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from sparse_moe.train.config import TrackingConfig
-from sparse_moe.train.tracking.expert_load_image import draw_expert_load
 from sparse_moe.train.tracking.metric_files import JOURNAL
 
 STEP_METRIC = "step"
@@ -112,6 +111,9 @@ class Tracker:
         """The expert-load picture of steps ``since + 1 .. step`` (per layer, per expert)."""
         if not counts or not (self.wandb_run or self.tensorboard):
             return
+        # matplotlib is imported here, at the first picture, not with the trainer.
+        from sparse_moe.train.tracking.expert_load_image import draw_expert_load
+
         path = draw_expert_load(counts, step, since,
                                 self.run_dir / MEDIA_DIR / f"expert_load_{step:08d}.png")
         self._record({"step": step, "images": {EXPERT_LOAD_KEY: str(path.relative_to(
