@@ -125,3 +125,12 @@ def test_term_reaches_srun_as_usr1(tmp_path):
     lines = log.read_text().splitlines()
     assert lines[:2] == ["ready", "SIGUSR1"] and "SIGTERM" not in lines, (lines, output)
     assert "received SIGTERM: forwarding it to the training processes as SIGUSR1" in output
+
+
+def test_the_trainer_derives_the_same_port_as_the_job_scripts():
+    """``srun python -m sparse_moe.train`` without a template picks the port the templates do."""
+    from sparse_moe.train.distributed import slurm_port
+
+    for job, restart in ((1, 0), (987654, 2), (99999999, 1)):
+        env = {"SLURM_JOB_ID": str(job), "SLURM_RESTART_COUNT": str(restart)}
+        assert slurm_port(env) == int(_bash("smoe_port", **env))

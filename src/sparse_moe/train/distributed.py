@@ -42,6 +42,13 @@ def _first_slurm_host() -> str:
         return nodes.split(",")[0]
 
 
+def slurm_port(env: Any) -> int:
+    """The rendezvous port of a Slurm job's start, as ``smoe_port`` in slurm/lib.sh computes it:
+    below Linux's ephemeral range (32768-60999), another one after a requeue."""
+    job, restart = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0"))
+    return 15000 + (job * 10 + restart) % 10000
+
+
 def fill_launcher_environment() -> None:
     """Sets the rendezvous variables when no launcher did (srun tasks, or a single process)."""
     env = os.environ
@@ -50,7 +57,7 @@ def fill_launcher_environment() -> None:
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _first_slurm_host())
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+        env.setdefault("MASTER_PORT", str(slurm_port(env)))
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
