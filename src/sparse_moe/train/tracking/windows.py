@@ -6,26 +6,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 class ExpertWindow:
-    """Tokens per expert of every MoE layer, summed over the steps after ``since``."""
+    """Tokens per expert of every MoE layer, summed over the steps after ``since``.
+
+    Added to at every step, so the sums are arrays (a layer may have 10^5 experts)."""
 
     def __init__(self, since: int = 0) -> None:
         self.since = since
-        self.counts: list[list[float]] = []
+        self._totals: list[np.ndarray] = []
 
     def add(self, counts: list[list[float]]) -> None:
-        if not self.counts:
-            self.counts = [list(layer) for layer in counts]
+        if not self._totals:
+            self._totals = [np.asarray(layer, dtype=np.float64) for layer in counts]
             return
-        for total, layer in zip(self.counts, counts):
-            for i, value in enumerate(layer):
-                total[i] += value
+        for total, layer in zip(self._totals, counts):
+            total += layer
+
+    @property
+    def counts(self) -> list[list[float]]:
+        return [total.tolist() for total in self._totals]
 
     def dead_experts(self) -> dict[str, float]:
         """Per layer, the experts that received no token in the window."""
-        return {f"moe{i}/dead_experts": float(sum(1 for c in layer if c == 0))
-                for i, layer in enumerate(self.counts)}
+        return {f"moe{i}/dead_experts": float(np.count_nonzero(total == 0))
+                for i, total in enumerate(self._totals)}
 
 
 def sample_translations(run_dir: Path, split: str, count: int) -> list[list[str]]:
