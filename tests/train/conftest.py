@@ -52,11 +52,19 @@ def _free_port() -> int:
 
 
 def run_training(overrides: list[str], nproc: int = 1, timeout: int = 240,
-                 check: bool = True, gpus: bool = False) -> subprocess.CompletedProcess:
-    """A training run in a child process: on the CPU, or with ``gpus`` on the suite's GPUs."""
+                 check: bool = True, gpus: bool = False,
+                 wandb: bool = False) -> subprocess.CompletedProcess:
+    """A training run in a child process: on the CPU, or with ``gpus`` on the suite's GPUs.
+
+    W&B (on by default for users) is off unless ``wandb``: starting its service costs each run
+    about 3 s, and only the tests that read its files need it (a ``tracking.wandb=...`` in
+    ``overrides`` wins).
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     if gpus:
         env = gpu_environment(env)
+    if not wandb and not any(o.startswith("tracking.wandb=") for o in overrides):
+        overrides = [*overrides, "tracking.wandb=false"]
     proc = subprocess.run(train_command(nproc) + overrides, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
     if check and proc.returncode != 0:

@@ -34,7 +34,7 @@ def tracked_run(wt_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tracked") / "moe-ep2"
     run_training(_overrides(wt_corpus, run_dir, "tracking.tensorboard=true",
                             "tracking.group=study-1", "tracking.tags=[moe, ep2]",
-                            "tracking.notes=a test run"), nproc=2)
+                            "tracking.notes=a test run"), nproc=2, wandb=True)
     return run_dir
 
 

@@ -21,7 +21,7 @@ def _base(wt_corpus, run_dir: Path, steps: int, *extra: str) -> list[str]:
 @pytest.mark.timeout(300)
 def test_one_process_trains_and_tracks(wt_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run_training(_base(wt_corpus, run_dir, 40))
+    run_training(_base(wt_corpus, run_dir, 40), wandb=True)
     losses = read_metric(run_dir, "train_cross_entropy")
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5

@@ -30,7 +30,7 @@ def trained(m30_corpus, tmp_path_factory):
                   "optimizer.name=adam", "optimizer.lr=0.01", "schedule.warmup_steps=10",
                   "decode.beam_size=3", "decode.max_length=30", "decode.length_penalty=0.6",
                   "tracking.translation_samples=5", "data.eval_splits=[test]",
-                  f"data.references={{test: {root}/test.de}}"])
+                  f"data.references={{test: {root}/test.de}}"], wandb=True)
     return run_dir, Path(root)
 
 
