@@ -91,7 +91,12 @@ def _make_fake_gpu(path: Path) -> None:
 
 
 class LocalSlurm:
-    """A cluster of ``nodes`` fake nodes with ``gpus`` fake GPUs each, rooted at ``root``."""
+    """A cluster of ``nodes`` fake nodes with ``gpus`` fake GPUs each, rooted at ``root``.
+
+    The GPUs are character devices (``File=`` in gres.conf): slurmd 22.05 drops a GPU GRES
+    that names no file ("count-only", ``Count=`` alone) and marks the node INVAL, so a GPU
+    count cannot be simulated without them.
+    """
 
     def __init__(self, root: Path, nodes: int = 2, gpus: int = 2) -> None:
         self.root = Path(root)

@@ -57,7 +57,7 @@ def slurm(tmp_path_factory) -> LocalSlurm:
             ensure_installed()
         except ClusterError as err:
             pytest.fail(f"no Slurm for the job-script tests: {err}", pytrace=False)
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, gpus=2)
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, gpus=4)
         try:
             cluster.start()
         except ClusterError as err:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.slurm.conftest import FINISHED, Job, read_metric, submit, train_overrides
-from tests.train.conftest import run_training
+from tests.train.conftest import REPO, run_training
 from tests.wandb_files import offline_run_files, read_offline_run
 
 STEPS = 10
@@ -51,19 +52,21 @@ def _assert_completed(job: Job, info: dict[str, str]) -> None:
         f"job {job.job_id}: {info['JobState']} {info['ExitCode']}\n{job.text()[-5000:]}"
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_two_nodes_match_the_direct_run(slurm, wt_corpus, direct_run, tmp_path):
-    run_dir = tmp_path / "run"
-    job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
-                 "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=2",
-                 **_variables(wt_corpus, run_dir))
-    _assert_completed(job, job.wait())
-    assert "torchrun: 2 nodes x 1 processes, rendezvous smoenode1:" in job.text()
-    assert read_metric(run_dir, "train_loss") == direct_run
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
-    # Each node's task has 2 CPUs, and so has its one worker (the inner srun is given the
-    # job's --cpus-per-task; Slurm 22.05 would start the step with 1 CPU otherwise).
-    assert [len(cpus) for cpus in _cpu_binding(job.text())] == [2, 2], job.text()[-3000:]
+@pytest.mark.timeout(120)
+def test_the_cluster_has_four_gpus_a_node_and_the_templates_count_them(slurm):
+    """What a job sees of the nodes' GPUs (``Gres=gpu:4``): the count in ``SLURM_GPUS_ON_NODE``,
+    which the templates read for the processes a node, and the devices in
+    ``CUDA_VISIBLE_DEVICES``; a fifth GPU is refused at submission."""
+    seen = slurm.command("srun", "--nodes=1", "--gpus-per-node=4", "bash", "-c",
+                         "echo gpus=$SLURM_GPUS_ON_NODE visible=$CUDA_VISIBLE_DEVICES")
+    assert seen.split() == ["gpus=4", "visible=0,1,2,3"], seen
+    counted = slurm.command("srun", "--nodes=1", "--gpus-per-node=3", "bash", "-c",
+                            f"source {REPO / 'slurm' / 'lib.sh'} && smoe_gpus_per_node")
+    assert counted.split() == ["3"], counted
+    refused = subprocess.run(["srun", "--nodes=1", "--gpus-per-node=5", "true"], env=slurm.env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Requested node configuration is not available" in \
+        refused.stderr, refused.stderr
 
 
 @pytest.mark.timeout(300)
@@ -136,9 +139,11 @@ def _wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 180) -> 
 
 
 @pytest.mark.timeout(400)
-def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, direct_run,
-                                                            tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1 does), once, in the middle of the run."""
+def test_torchrun_two_nodes_saved_on_usr1_requeue_and_match_the_direct_run(
+        slurm, wt_corpus, direct_run, tmp_path):
+    """Two nodes of torchrun, and USR1 to the batch shell (what --signal=B:USR1 does) once in
+    the middle of the run: the job saves, requeues, resumes and ends with the losses of the
+    direct run."""
     run_dir = tmp_path / "run"
     job = submit(slurm, "train_torchrun.sbatch", tmp_path / "logs", "--nodes=2",
                  "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=2",
@@ -155,7 +160,12 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_losses(slurm, wt_corpus, di
     assert 2 <= saved < STEPS and json.loads(preempted.group(1))["signal"] == "SIGUSR1"
     assert f"at step {saved} (SLURM_RESTART_COUNT=1)" in log
     assert "SLURM_RESTART_COUNT=1 run_dir=" in log  # the requeued job's start-up line
+    assert "torchrun: 2 nodes x 1 processes, rendezvous smoenode1:" in log
     assert read_metric(run_dir, "train_loss") == direct_run
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS
+    # Each node's task has 2 CPUs, and so has its one worker (the inner srun is given the
+    # job's --cpus-per-task; Slurm 22.05 would start the step with 1 CPU otherwise).
+    assert [len(cpus) for cpus in _cpu_binding(log)] == [2, 2], log[-3000:]
     # W&B: one run id for both starts of the job; the requeued start's offline run, the one
     # left for wandb sync, holds every step once (the first start's is kept aside).
     run_id = (run_dir / "wandb_run_id").read_text().strip()
