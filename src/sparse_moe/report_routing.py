@@ -1,6 +1,6 @@
 """Where a trained language model's first MoE layer sends tokens: the report's routing tables.
 
-Loads a run's checkpoint into one process (``sparse_moe.train.generate.load_trained``), runs
+Loads a run's checkpoint into one process (``sparse_moe.train.trained.load_trained``), runs
 evaluation batches through it and counts (token, expert) assignments of the first MoE layer:
 
 - by **token** (``specialisation_<run>.md``): the most routed tokens and their three most used
@@ -161,8 +161,8 @@ def plot_group_heatmap(run_name: str, groups: list[str], by_group: torch.Tensor,
 def write_routing_report(run_dir: Path, out: Path, text: Path | None = None,
                          labels: Path | None = None, max_batches: int = 50) -> list[Path]:
     """The routing tables of a language-model run (nothing for other runs)."""
-    from sparse_moe.train.generate import load_trained
     from sparse_moe.train.tasks import LanguageModelTask
+    from sparse_moe.train.trained import load_trained
 
     grouped = read_labelled_lines(text, labels) if text and labels else None
     engine, task, tokenizer, device = load_trained(run_dir)

@@ -42,14 +42,14 @@ def documented() -> dict[str, str]:
 @pytest.fixture
 def no_engines(monkeypatch):
     """A case whose checks pass by mistake must fail, not start training in this process."""
-    import sparse_moe.train.generate as generate
+    import sparse_moe.train.trained as trained
     import sparse_moe.train.trainer as trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("the input checks passed; the case expected them to fail")
 
     monkeypatch.setattr(trainer, "Trainer", refuse)
-    monkeypatch.setattr(generate, "init_distributed", refuse)
+    monkeypatch.setattr(trained, "init_distributed", refuse)
     saved = dict(os.environ)  # the launcher-variable defaults set by the checks
     yield
     os.environ.clear()

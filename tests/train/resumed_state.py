@@ -19,15 +19,15 @@ import torch.distributed as dist
 def main(out: str, overrides: list[str]) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from sparse_moe.train.checkpoint.relayout import link_optimizer_state
+    from sparse_moe.train.checkpoint.shards import expert_blocks
     from sparse_moe.train.config import load_train_config
     from sparse_moe.train.distributed import shut_down_distributed
-    from sparse_moe.train.export import _expert_blocks
-    from sparse_moe.train.relayout import link_optimizer_state
     from sparse_moe.train.trainer import Trainer
 
     trainer = Trainer(load_train_config(None, overrides + ["run.resume=true"]))
     model, run = trainer.engine.module, trainer.run_engine
-    blocks = _expert_blocks(model)
+    blocks = expert_blocks(model)
     if run.optimizer_wrapped:
         link_optimizer_state(trainer.engine)
     state = {}

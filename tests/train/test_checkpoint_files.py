@@ -1,4 +1,4 @@
-"""The checkpoint file names of ``train/checkpoint_files.py`` are DeepSpeed's own: its engine's
+"""The checkpoint file names of ``train/checkpoint/files.py`` are DeepSpeed's own: its engine's
 naming methods (private, so checked here against the pinned DeepSpeed). The input checks find
 a real run's files under these names in ``tests/errors`` (the checkpoint cases)."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from sparse_moe.train.checkpoint_files import (
+from sparse_moe.train.checkpoint.files import (
     expert_file,
     expert_parallel_optimizer_file,
     model_states_file,

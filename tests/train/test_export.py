@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sparse_moe.models import build_model
-from sparse_moe.train.export import export_model_config, plain_name
+from sparse_moe.train.checkpoint.export import export_model_config, plain_name
 from tests.train.conftest import REPO, run_training
 
 
@@ -51,7 +51,7 @@ def test_export_holds_the_checkpoint_and_round_trips_through_another_layout(wt_c
 
     # DeepSpeed's own loader, one process: the same parameters, bit for bit.
     check = ("import sys, torch\n"
-             "from sparse_moe.train.generate import load_trained\n"
+             "from sparse_moe.train.trained import load_trained\n"
              "engine, *_ = load_trained(sys.argv[1])\n"
              "torch.save({n: p.detach() for n, p in engine.module.named_parameters()}, sys.argv[2])\n")
     loaded = tmp_path / "loaded.pt"

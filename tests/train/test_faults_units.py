@@ -7,10 +7,10 @@ import errno
 import pytest
 import torch
 
-from sparse_moe.train.checkpointing import (
+from sparse_moe.train.checkpoint.files import read_latest
+from sparse_moe.train.checkpoint.save import (
     RecordingWriter,
     prune_checkpoints,
-    read_latest,
     remove_uncommitted,
     write_latest,
 )

@@ -126,7 +126,7 @@ def test_signal_to_one_rank_saves_at_a_step_boundary_and_resumes(wt_corpus, tmp_
 
 LOAD_AND_SCORE = """
 import json, sys
-from sparse_moe.train.generate import load_trained
+from sparse_moe.train.trained import load_trained
 engine, task, tokenizer, device = load_trained(sys.argv[1], overrides=sys.argv[2:])
 print(json.dumps(task.evaluate(engine, device, None)))
 """

@@ -17,10 +17,12 @@ cost no memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from sparse_moe.models.config import LMConfig, TranslationConfig
 from sparse_moe.models.layers import FFNLayer, MoELayer
 from sparse_moe.moe import MoEConfig
 
@@ -114,3 +116,21 @@ def preset_budget(name: str, vocab_size: int | None = None) -> Budget:
 
 __all__ = ["Budget", "count_budget", "lstm_ops", "moe_ops", "module_ops", "preset_budget",
            "meta_model"]
+
+
+def sampled_columns(config: LMConfig | TranslationConfig) -> int | None:
+    """The candidates a sampled softmax scores per micro-batch (at most ``num_samples``
+    distinct words), or None for the exact softmax."""
+    softmax = getattr(config, "softmax", None)
+    if softmax is None or softmax.kind != "sampled" or softmax.num_samples >= config.vocab_size:
+        return None
+    return softmax.num_samples
+
+
+def training_multiply_adds(model: Any, config: LMConfig | TranslationConfig, tokens: int) -> int:
+    """Forward and backward (3 x forward) multiply-adds of one micro-step, softmax included
+    (over the target and the candidates when it is sampled)."""
+    columns = sampled_columns(config)
+    columns = config.vocab_size if columns is None else columns + 1
+    per_token = count_budget(model).ops_per_timestep + config.d_model * columns
+    return 3 * per_token * tokens

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # for annotations only: the models import this module
-    from sparse_moe.models.lm import MoELSTMLanguageModel
-    from sparse_moe.models.translation import MoETranslationModel
+# The models are annotated as modules: ``MoETranslationModel`` (its ``config``, ``encode``,
+# ``decode`` and ``reorder_state``) and ``MoELSTMLanguageModel`` (its forward with a carried
+# state). Importing them here would close an import cycle: the models call these functions.
+TranslationModel = nn.Module
+LanguageModel = nn.Module
 
 
 @dataclass
@@ -46,7 +48,7 @@ def locally_finished(finished: Tensor) -> bool:
 
 
 @torch.no_grad()
-def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int,
+def greedy_decode(model: TranslationModel, src: Tensor, max_len: int,
                   all_finished: FinishedTest = locally_finished) -> list[list[int]]:
     """The most likely next token at every step, until EOS or ``max_len`` tokens.
 
@@ -57,7 +59,7 @@ def greedy_decode(model: MoETranslationModel, src: Tensor, max_len: int,
         return _greedy(model, src, max_len, all_finished)
 
 
-def _greedy(model: MoETranslationModel, src: Tensor, max_len: int,
+def _greedy(model: TranslationModel, src: Tensor, max_len: int,
             all_finished: FinishedTest) -> list[list[int]]:
     cfg = model.config
     encoded = model.encode(src)
@@ -102,7 +104,7 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
+def beam_search(model: TranslationModel, src: Tensor, beam_size: int, max_len: int,
                 alpha: float = 0.0,
                 all_finished: FinishedTest = locally_finished) -> list[Hypothesis]:
     """The best of ``beam_size`` beams per source sentence, GNMT length penalty ``alpha``.
@@ -117,7 +119,7 @@ def beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len
         return _beam_search(model, src, beam_size, max_len, alpha, all_finished)
 
 
-def _beam_search(model: MoETranslationModel, src: Tensor, beam_size: int, max_len: int,
+def _beam_search(model: TranslationModel, src: Tensor, beam_size: int, max_len: int,
                  alpha: float, all_finished: FinishedTest) -> list[Hypothesis]:
     cfg = model.config
     device = src.device
@@ -165,7 +167,7 @@ def _best(tokens: Tensor, scores: Tensor, lengths: Tensor, finished: Tensor, alp
 
 
 @torch.no_grad()
-def sample_lm(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
+def sample_lm(model: LanguageModel, prompt: Tensor, max_new_tokens: int,
               temperature: float = 1.0, top_k: int | None = None,
               generator: torch.Generator | None = None, eos_id: int | None = None) -> Tensor:
     """Samples ``max_new_tokens`` tokens after ``prompt`` (``[B, T0]``); returns ``[B, T0 + n]``.
@@ -182,7 +184,7 @@ def sample_lm(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
         return _sample(model, prompt, max_new_tokens, temperature, top_k, generator, eos_id)
 
 
-def _sample(model: MoELSTMLanguageModel, prompt: Tensor, max_new_tokens: int,
+def _sample(model: LanguageModel, prompt: Tensor, max_new_tokens: int,
             temperature: float, top_k: int | None, generator: torch.Generator | None,
             eos_id: int | None) -> Tensor:
     out = model(prompt)
@@ -209,7 +211,7 @@ class TextTokenizer(Protocol):
 
 
 @torch.no_grad()
-def sample_text(model: MoELSTMLanguageModel, tokenizer: TextTokenizer, prompt: str,
+def sample_text(model: LanguageModel, tokenizer: TextTokenizer, prompt: str,
                 max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                 seed: int | None = None, eos_id: int | None = None,
                 bos_id: int | None = None) -> str:

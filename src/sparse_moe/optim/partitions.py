@@ -15,7 +15,7 @@ matrix. Vectors keep Adam's second moment, for this rank's elements only.
 The state of a partition is ``{"step", "factored": {"row": {name: R}, "col": {name: C},
 "exp_avg_sq": {name: fragment's moment}}}``, keyed by parameter name and with ``R`` and ``C``
 in the shapes ``FactoredAdam`` gives a whole parameter, so that a checkpoint can be
-re-split onto another layout (``train/relayout.py``). The nested mapping also keeps these
+re-split onto another layout (``train/checkpoint/relayout.py``). The nested mapping also keeps these
 vectors out of DeepSpeed's per-partition padding, which it applies to tensors of the state.
 
 This module never calls ``torch.distributed``: the layout carries the sum over ranks.

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparse_moe.models import LMConfig, TranslationConfig
+from sparse_moe.models.budget import sampled_columns
 from sparse_moe.moe import MoEConfig
 
 GATE_TENSORS_PER_EXPERT = 5  # clean and noisy logits, noise std, load probability, its CDF
@@ -92,15 +93,6 @@ def lm_softmax_bytes(config: LMConfig, tokens: int, d_in: int, b: int) -> int:
         return softmax_bytes(tokens, d_in, config.vocab_size, b)
     gathered = (samples + tokens) * d_in * b
     return softmax_bytes(tokens, d_in, samples + 1, b) + gathered + tokens * samples * MASK_BYTES
-
-
-def sampled_columns(config: LMConfig | TranslationConfig) -> int | None:
-    """The candidates a sampled softmax scores per micro-batch (at most ``num_samples``
-    distinct words), or None for the exact softmax."""
-    softmax = getattr(config, "softmax", None)
-    if softmax is None or softmax.kind != "sampled" or softmax.num_samples >= config.vocab_size:
-        return None
-    return softmax.num_samples
 
 
 def translation_activations(config: TranslationConfig, moe: MoEConfig, tokens: int,

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from sparse_moe.config_io import ConfigError
-from sparse_moe.models import LMConfig, TranslationConfig, count_budget
-from sparse_moe.plan.activations import lm_activations, sampled_columns, translation_activations
+from sparse_moe.models import LMConfig, TranslationConfig
+from sparse_moe.models.budget import sampled_columns, training_multiply_adds
+from sparse_moe.plan.activations import lm_activations, translation_activations
 from sparse_moe.plan.memory import MemoryParts, RankTensors, memory_parts, regime_of
 from sparse_moe.train.config import TrainConfig
 
@@ -157,15 +158,6 @@ def all_to_all_bytes(layers: list, tokens: int, ep: int, element: int) -> int:
         rows = tokens * config.experts_per_token * (ep - 1) / ep
         sent += 2 * rows * (config.d_model + config.d_out) * element
     return int(sent)
-
-
-def training_multiply_adds(model: Any, config: LMConfig | TranslationConfig, tokens: int) -> int:
-    """Forward and backward (3 x forward) multiply-adds of one micro-step, softmax included
-    (over the target and the candidates when it is sampled)."""
-    columns = sampled_columns(config)
-    columns = config.vocab_size if columns is None else columns + 1
-    per_token = count_budget(model).ops_per_timestep + config.d_model * columns
-    return 3 * per_token * tokens
 
 
 LARGE_VOCABULARY = 100_000

@@ -124,8 +124,7 @@ def check_inputs(config, source: str) -> None:
 def input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (shown as one line), not a bug (shown as a traceback)."""
     from sparse_moe.data import CorpusError, ShardFormatError, TokenizerError
-    from sparse_moe.train.export import ExportError
-    from sparse_moe.train.preflight import CheckpointError
+    from sparse_moe.train.checkpoint.errors import CheckpointError, ExportError
 
     return CorpusError, ShardFormatError, TokenizerError, CheckpointError, ExportError
 

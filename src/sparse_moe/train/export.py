@@ -2,219 +2,22 @@
 
     sparse-moe-export runs/moe32 [--tag step_00020000] --out exports/moe32
 
-writes, readable with ``safetensors`` alone (no DeepSpeed, no process groups):
-
-- ``model.safetensors``: every parameter under the plain model's names (``build_model(config)
-  .state_dict()``: ``embedding.weight``, ``layers.0.lstm.weight_ih_l0``,
-  ``layers.1.moe.router.w_gate``, ``layers.1.moe.experts.weights.0`` of shape
-  ``[num_experts, d_in, d_out]`` with every expert, in global order, ...);
-- ``config.json``: the model's config (``type``: ``lm`` or ``translation``, then its fields);
-- the tokenizer file the run was trained with.
-
-The export is read straight from DeepSpeed's files: the dense weights from
-``mp_rank_00_model_states.pt``, each expert from its own file, stacked. Training can start
-from an export at any layout (``run.init_from=DIR``: each rank reads only its experts), and
-generation loads one (``sparse-moe-generate DIR``).
+writes ``model.safetensors`` (every parameter under the plain model's names, each MoE layer's
+experts stacked in global order), ``config.json`` (the model) and the run's tokenizer: see
+``train/checkpoint/export.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from sparse_moe.atomic import atomic_write
-from sparse_moe.train.checkpoint_files import expert_files, model_states_file
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-_WRAPPED = ".deepspeed_moe."
-_EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.deepspeed_moe\.experts\.deepspeed_experts\."
-                         r"(?P<expert>\d+)\.(?P<name>.+)$")
-
-
-class ExportError(ValueError):
-    """A run, checkpoint or export directory that cannot be read as asked."""
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name in the plain model (without DeepSpeed's MoE wrapper)."""
-    return name.replace(_WRAPPED, ".")
-
-
-def consolidated_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Every parameter of a checkpoint under its plain name, each MoE layer's experts stacked."""
-    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
-    tensors = {plain_name(k): v for k, v in states["module"].items()}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    for path in expert_files(tag_dir, list(states.get("num_experts") or [])):
-        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
-            match = _EXPERT_KEY.match(key)
-            if match is None:
-                raise ExportError(f"{path}: expected DeepSpeed expert keys "
-                                  f"'<layer>.deepspeed_moe.experts.deepspeed_experts.<e>.<name>', "
-                                  f"found {key!r}")
-            stacked = f"{match['layer']}.experts.{match['name']}"
-            experts.setdefault(stacked, {})[int(match["expert"])] = value
-    for name, rows in experts.items():
-        if sorted(rows) != list(range(len(rows))):
-            raise ExportError(f"{tag_dir}: {name}: expected experts 0..{len(rows) - 1}, found "
-                              f"{sorted(rows)}")
-        tensors[name] = torch.stack([rows[e] for e in range(len(rows))])
-    return tensors
-
-
-def export_run(run_dir: Path, out: Path, tag: str | None = None) -> list[Path]:
-    """Writes the export of ``run_dir``'s checkpoint ``tag`` (default: latest) into ``out``."""
-    from safetensors.torch import save_file
-
-    from sparse_moe.train.generate import run_model_config
-
-    config, model_config, tokenizer_path = run_model_config(run_dir)
-    tag_dir = _checkpoint_dir(run_dir, tag)
-    tensors = consolidated_state(tag_dir)
-    _check_names(tensors, model_config, tag_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file({k: v.contiguous() for k, v in _unshared(tensors).items()}, str(tmp),
-              metadata={"format": "pt", "source": str(tag_dir)})
-    tmp.replace(weights)
-    kind = "translation" if type(model_config).__name__ == "TranslationConfig" else "lm"
-    atomic_write(out / CONFIG, json.dumps({"type": kind, **model_config.to_dict()}, indent=2))
-    written = [weights, out / CONFIG]
-    if tokenizer_path is not None:
-        shutil.copy2(tokenizer_path, out / tokenizer_path.name)
-        written.append(out / tokenizer_path.name)
-    return written
-
-
-def _checkpoint_dir(run_dir: Path, tag: str | None) -> Path:
-    from sparse_moe.train.checkpointing import read_latest
-    from sparse_moe.train.trainer import CHECKPOINT_DIR
-
-    directory = run_dir / CHECKPOINT_DIR
-    tag = tag or read_latest(directory)
-    if tag is None or not (directory / tag).is_dir():
-        found = sorted(p.name for p in directory.iterdir() if p.is_dir()) \
-            if directory.is_dir() else []
-        raise ExportError(f"{directory}: expected a checkpoint{f' {tag!r}' if tag else ''}, "
-                          f"found {found or 'none'}")
-    return directory / tag
-
-
-def _check_names(tensors: dict[str, torch.Tensor], model_config: Any, tag_dir: Path) -> None:
-    from sparse_moe.models import build_model
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(model_config).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        differ = sorted(set(expected) ^ set(found)) or sorted(
-            k for k in expected if expected[k] != found[k])
-        raise ExportError(f"{tag_dir}: expected the parameters of the run's model, found "
-                          f"differences in {differ[:4]}")
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): each gets its own."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        pointer = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return out
-
-
-# ---------------------------------------------------------------- reading an export
-def is_export(directory: Path) -> bool:
-    return (directory / WEIGHTS).is_file() and (directory / CONFIG).is_file()
-
-
-def export_model_config(directory: Path):
-    """The model config an export was written with."""
-    from sparse_moe.models import LMConfig, TranslationConfig
-
-    if not is_export(directory):
-        raise ExportError(f"{directory}: expected an export ({WEIGHTS} and {CONFIG}, written by "
-                          "sparse-moe-export), found none")
-    values = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    kind = values.pop("type", "lm")
-    cls = TranslationConfig if kind == "translation" else LMConfig
-    return cls.from_dict(values, source=str(directory / CONFIG))
-
-
-def check_export(directory: Path, model_config: Any) -> None:
-    """The export holds every parameter of ``model_config`` with its shape (the header only)."""
-    from safetensors import safe_open
-
-    from sparse_moe.models import build_model
-
-    if not is_export(directory):
-        raise ExportError(f"run.init_from: {directory}: expected an export ({WEIGHTS} and "
-                          f"{CONFIG}, written by sparse-moe-export), found none")
-    with torch.device("meta"):
-        expected = {k: list(v.shape) for k, v in build_model(model_config).state_dict().items()}
-    with safe_open(str(directory / WEIGHTS), framework="pt") as file:
-        found = {k: list(file.get_slice(k).get_shape()) for k in file.keys()}
-    wrong = [f"{k}: expected {expected[k]}, found {found.get(k, 'no such tensor')}"
-             for k in expected if found.get(k) != expected[k]]
-    if wrong:
-        raise ExportError(f"run.init_from: {directory / WEIGHTS}: written for another model: "
-                          + "; ".join(wrong[:3]) + (f" (and {len(wrong) - 3} more)"
-                                                    if len(wrong) > 3 else "")
-                          + f". Build the same model (model.preset={directory / CONFIG})")
-
-
-def load_export_into(model: torch.nn.Module, directory: Path) -> int:
-    """Copies an export's weights into a model built by ``parallelize`` at any layout.
-
-    Dense parameters are read whole; each MoE layer's experts only for this rank's block
-    (``safe_open`` reads slices, so a rank never reads another rank's experts). Returns the
-    number of parameters loaded. Fails naming the tensor on a missing or misshapen one.
-    """
-    from safetensors import safe_open
-
-    loaded = 0
-    with safe_open(str(directory / WEIGHTS), framework="pt") as file:
-        names = set(file.keys())
-        blocks = _expert_blocks(model)
-        for name, param in model.named_parameters():
-            plain = plain_name(name)
-            if plain not in names:
-                raise ExportError(f"{directory / WEIGHTS}: expected a tensor {plain!r} (this "
-                                  "model's parameter), found none")
-            if name in blocks:
-                first, count = blocks[name]
-                value = file.get_slice(plain)[first:first + count]
-            else:
-                value = file.get_tensor(plain)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ExportError(f"{directory / WEIGHTS}: {plain}: expected shape "
-                                  f"{list(param.shape)}, found {list(value.shape)}")
-            with torch.no_grad():
-                param.copy_(value)
-            loaded += param.numel()
-    return loaded
-
-
-def _expert_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Parameter name -> (first global expert, local experts) of every stacked expert tensor."""
-    from sparse_moe.moe import GroupedFFNExperts
-
-    blocks = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, GroupedFFNExperts):
-            for name, _ in module.named_parameters():
-                blocks[f"{module_name}.{name}"] = (module.first_expert, module.num_experts)
-    return blocks
+from sparse_moe.config_io import ConfigError
+from sparse_moe.data import CorpusError, TokenizerError
+from sparse_moe.train.checkpoint.errors import ExportError
+from sparse_moe.train.checkpoint.export import export_run
+from sparse_moe.train.trained import run_model_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from sparse_moe.config_io import ConfigError
-    from sparse_moe.data import CorpusError, TokenizerError
-
     try:
-        for path in export_run(args.run_dir, args.out, args.tag):
+        _, model_config, tokenizer_path = run_model_config(args.run_dir)
+        for path in export_run(args.run_dir, args.out, model_config, tokenizer_path, args.tag):
             print(path)
     except (ExportError, ConfigError, CorpusError, TokenizerError) as error:
         print(f"sparse-moe-export: {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ Exact resumption: every micro-step reseeds the RNG from (seed, step, micro-step,
 checkpoint records the step and the data reader's position, so a resumed run draws the same
 batches, dropout masks and gating noise as a run that never stopped.
 
-Faults (docs/reliability.md): checkpoints are committed atomically (checkpointing.py), steps
+Faults (docs/reliability.md): checkpoints are committed atomically (checkpoint/save.py), steps
 with a NaN/Inf loss or gradient are skipped and a run of them stops training (nonfinite.py), a
 failed or timed-out collective ends every surviving rank with a message naming the phase and
 the ranks that stopped answering, and a preemption signal to any rank saves at the next step
@@ -40,15 +40,24 @@ from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError, to_dict
 from sparse_moe.data import load_tokenizer, open_corpus
 from sparse_moe.models import compose_loss
+from sparse_moe.models.budget import training_multiply_adds
 from sparse_moe.parallel import (
-    check_model_layout,
     check_world,
-    create_expert_parallel_groups,
     expert_parallel_dispatchers,
-    parallelize,
 )
-from sparse_moe.plan.planner import training_multiply_adds
-from sparse_moe.train.checkpointing import RecordingWriter, read_latest, save_checkpoint
+from sparse_moe.train.checkpoint.export import load_export_into
+from sparse_moe.train.checkpoint.files import LATEST, checkpoint_dir, read_latest
+from sparse_moe.train.checkpoint.relayout import (
+    check_resume,
+    layout_changed,
+    load_unwrapped_optimizer,
+    load_wrapped_optimizer,
+    read_saved_layout,
+    resize_schedule,
+    unwrapped_full_state,
+    zero_full_state,
+)
+from sparse_moe.train.checkpoint.save import RecordingWriter, save_checkpoint
 from sparse_moe.train.config import TrainConfig
 from sparse_moe.train.distributed import (
     all_reduce_host,
@@ -62,19 +71,9 @@ from sparse_moe.train.distributed import (
 from sparse_moe.train.ds_config import describe_ds_choice
 from sparse_moe.train.engine import build_engine
 from sparse_moe.train.errors import CollectiveFailure, NonFiniteLimitError, TrainingAborted
-from sparse_moe.train.export import load_export_into
 from sparse_moe.train.fault_injection import FaultHooks, FaultInjection
 from sparse_moe.train.host_memory import release_freed_host_memory, retain_freed_host_memory
-from sparse_moe.train.relayout import (
-    check_resume,
-    layout_changed,
-    load_unwrapped_optimizer,
-    load_wrapped_optimizer,
-    read_saved_layout,
-    resize_schedule,
-    unwrapped_full_state,
-    zero_full_state,
-)
+from sparse_moe.train.rank_model import build_rank_model
 from sparse_moe.train.step_metrics import StepMetrics, StepRecord, global_grad_norm
 from sparse_moe.train.tasks import IGNORE, make_task
 from sparse_moe.train.tracking import (
@@ -86,7 +85,6 @@ from sparse_moe.train.tracking import (
     sample_translations,
 )
 
-CHECKPOINT_DIR = "checkpoints"
 # Exit status after a preemption signal was honoured (checkpoint saved): the Slurm templates
 # requeue the job when they see it.
 EXIT_PREEMPTED = 75
@@ -150,19 +148,6 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def build_rank_model(task: Any, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """This rank's model (its experts only, on ``device``, wrapped for DeepSpeed)."""
-    try:
-        model_config = task.model_config()
-        check_model_layout(model_config, config.parallel.ep_size)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    groups = create_expert_parallel_groups(config.parallel.ep_size,
-                                           config.parallel.use_data_before_expert_parallel)
-    return parallelize(model_config, config.parallel, groups, seed=config.run.seed,
-                       device=device)
-
-
 class Trainer:
     """Owns the engine, the data reader and the loop; ``run()`` trains, evaluates, saves.
 
@@ -186,7 +171,7 @@ class Trainer:
         self.roll_call = roll_call_key()
         self.faults: FaultHooks = FaultInjection.from_environment(self.rank)
         self.run_dir = Path(config.run.dir)
-        self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        self.checkpoint_dir = checkpoint_dir(self.run_dir)
         try:
             check_world(config.parallel.ep_size, self.world)
         except ValueError as error:
@@ -290,10 +275,10 @@ class Trainer:
                 raise
             raise TrainingAborted(
                 f"run.resume: could not load {self.checkpoint_dir / tag} (named by "
-                f"{self.checkpoint_dir / 'latest'}): expected a complete checkpoint of this "
+                f"{self.checkpoint_dir / LATEST}): expected a complete checkpoint of this "
                 f"model and layout, found {type(err).__name__}: {err}") from err
         if path is None:
-            raise TrainingAborted(f"run.resume: {self.checkpoint_dir / 'latest'} names {tag}, but "
+            raise TrainingAborted(f"run.resume: {self.checkpoint_dir / LATEST} names {tag}, but "
                                   f"{self.checkpoint_dir / tag} holds no loadable checkpoint")
         self.step = int(client["step"])
         self.batches.load_state_dict(client["data"], resplit=regrouped)

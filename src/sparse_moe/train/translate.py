@@ -26,11 +26,10 @@ from sparse_moe.atomic import atomic_write
 from sparse_moe.config_io import ConfigError
 from sparse_moe.data import CorpusError, TokenizerError
 from sparse_moe.models import beam_search
+from sparse_moe.train.checkpoint.errors import CheckpointError, ExportError
 from sparse_moe.train.distributed import shut_down_distributed
-from sparse_moe.train.export import ExportError
-from sparse_moe.train.generate import load_trained
-from sparse_moe.train.preflight import CheckpointError
 from sparse_moe.train.tasks import TranslationTask
+from sparse_moe.train.trained import load_trained
 
 
 class TranslateError(ValueError):

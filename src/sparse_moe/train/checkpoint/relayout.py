@@ -36,11 +36,12 @@ from torch import nn
 
 from sparse_moe.config_io import ConfigError
 from sparse_moe.optim.partitions import FACTORED_KEY
-from sparse_moe.train.checkpoint_files import (
+from sparse_moe.train.checkpoint.files import (
     expert_parallel_optimizer_file,
-    model_states_file,
+    load_model_states,
     zero_optimizer_file,
 )
+from sparse_moe.train.checkpoint.shards import expert_blocks
 
 FULL_STATE = dict[str, dict[str, Any]]  # parameter name -> optimizer state key -> value
 # FactoredAdam's moments, which its flat partitions hold in their own form (optim/partitions.py)
@@ -89,8 +90,7 @@ def saved_layout(states: dict[str, Any]) -> SavedLayout:
 
 
 def read_saved_layout(tag_dir: Path) -> tuple[SavedLayout, dict[str, Any]]:
-    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False,
-                        mmap=True)
+    states = load_model_states(tag_dir)
     return saved_layout(states), states
 
 
@@ -236,12 +236,6 @@ def zero_full_state(tag_dir: Path, saved: SavedLayout, model_config: Any, parall
 
 def _local_rows(value: Any, param: nn.Parameter, first: int, count: int) -> Any:
     return value[first:first + count] if torch.is_tensor(value) and value.dim() > 0 else value
-
-
-def expert_blocks(model: nn.Module) -> dict[str, tuple[int, int]]:
-    from sparse_moe.train.export import _expert_blocks
-
-    return _expert_blocks(model)
 
 
 def load_unwrapped_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,

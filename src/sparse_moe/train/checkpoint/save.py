@@ -21,7 +21,6 @@ naming the rank and the file, and leaves ``latest`` as it was.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -29,30 +28,9 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from sparse_moe.atomic import atomic_write, fsync_directory
+from sparse_moe.train.checkpoint.files import LATEST, checkpoint_tag, read_latest, tag_step
 from sparse_moe.train.errors import CheckpointWriteError
 from sparse_moe.train.fault_injection import FaultHooks
-
-LATEST = "latest"
-TAG_PATTERN = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def tag_step(name: str) -> int | None:
-    match = TAG_PATTERN.match(name)
-    return int(match.group(1)) if match else None
-
-
-def read_latest(directory: Path) -> str | None:
-    """The tag ``latest`` names, or None when there is no committed checkpoint."""
-    pointer = directory / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text(encoding="utf-8").strip()
-    return tag or None
-
 
 fsync_path = fsync_directory  # flushes a file's, or a directory's entries', data to the device
 
