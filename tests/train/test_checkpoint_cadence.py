@@ -38,7 +38,7 @@ def test_minutes_must_be_a_non_negative_number():
 def test_tf32_switches_both_backends_on():
     import torch
 
-    from sparse_moe.train.trainer import allow_tf32
+    from sparse_moe.train.runtime import allow_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:

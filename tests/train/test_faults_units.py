@@ -138,7 +138,7 @@ def test_command_line_returns_the_faults_status_with_one_message(error, status, 
     from sparse_moe.train import cli, errors, trainer
 
     class FailingTrainer:
-        def __init__(self, config):
+        def __init__(self, config, startup):
             pass
 
         def run(self):

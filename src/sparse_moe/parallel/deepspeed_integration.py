@@ -25,11 +25,11 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.utils import groups as ds_groups
 from torch import Tensor, nn
 
 from sparse_moe.moe import GroupedFFNExperts, MoEConfig, MoEOutput
 from sparse_moe.optim.partitions import Fragment, PartitionLayout
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 from sparse_moe.parallel.groups import ExpertParallelGroups
 
 PER_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -105,15 +105,14 @@ def factor_flat_partitions(engine: DeepSpeedEngine, client_optimizer: Any) -> in
     wrapper = engine.optimizer
     if not hasattr(client_optimizer, "attach_partitions") or wrapper is client_optimizer:
         return 0
-    partitions = (getattr(wrapper, "single_partition_of_fp32_groups", None)
-                  or getattr(wrapper, "fp32_groups_flat_partition", None))
-    low_precision = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None)
+    partitions = ds_internals.flat_fp32_partitions(wrapper)
+    low_precision = ds_internals.low_precision_groups(wrapper)
     if partitions is None or low_precision is None:
         return 0
     layouts = {}
     for i, (flat, params) in enumerate(zip(partitions, low_precision)):
-        layouts[flat] = _partition_layout(params, wrapper.param_names,
-                                          wrapper.real_dp_process_group[i])
+        layouts[flat] = _partition_layout(params, ds_internals.parameter_names(wrapper),
+                                          ds_internals.partition_group(wrapper, i))
     client_optimizer.attach_partitions(layouts)
     return len(layouts)
 
@@ -122,13 +121,11 @@ def _partition_layout(params: list[nn.Parameter], names: dict[nn.Parameter, str]
                       group: Any) -> PartitionLayout:
     fragments = []
     for param in params:
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
+        piece = ds_internals.fragment(param)
+        if piece is None:
             continue  # no element of this parameter lies in this rank's partition
-        fragments.append(Fragment(names[param], tuple(param.shape),
-                                  mapping.lp_fragment_address.start,
-                                  mapping.hp_fragment_address.start,
-                                  mapping.hp_fragment_address.numel))
+        fragments.append(Fragment(names[param], tuple(param.shape), piece.parameter_start,
+                                  piece.partition_start, piece.numel))
     reduce = None
     if dist.get_world_size(group=group) > 1:
         def reduce(buffer: Tensor) -> None:
@@ -170,7 +167,7 @@ class DeepSpeedExpertParallelMoE(DeepSpeedMoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """The engine calls this; the groups already exist (the layer was sharded for them)."""
-        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+        if not ds_internals.expert_group_exists(self.expert_group_name):
             raise RuntimeError(f"DeepSpeedExpertParallelMoE: DeepSpeed has no process group "
                                f"{self.expert_group_name!r}; create it with "
                                "create_expert_parallel_groups before building the layer")

@@ -47,8 +47,8 @@ def create_expert_parallel_groups(ep_size: int,
     is collective). Calling it again with the same size returns the existing groups.
     """
     import deepspeed
-    from deepspeed.utils import groups
 
+    from sparse_moe.parallel import deepspeed_internals as ds_internals
     from sparse_moe.parallel.layout import check_world
     from sparse_moe.parallel.startup import load_deepspeed_comm_ops
 
@@ -60,12 +60,11 @@ def create_expert_parallel_groups(ep_size: int,
         load_deepspeed_comm_ops()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     name = expert_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(
-            ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
-    ep_group = groups._get_expert_parallel_group(name)
-    edp_group = groups._get_expert_data_parallel_group(name)
-    dp_group = groups._get_data_parallel_group()
+    if not ds_internals.expert_group_exists(name):
+        ds_internals.create_expert_and_data_parallel_groups(ep_size, use_data_before_expert_parallel)
+    ep_group = ds_internals.expert_parallel_group(name)
+    edp_group = ds_internals.expert_data_parallel_group(name)
+    dp_group = ds_internals.data_parallel_group()
     return ExpertParallelGroups(
         ep_size=ep_size, name=name, expert_parallel=ep_group, expert_data_parallel=edp_group,
         data_parallel=dp_group, ep_rank=dist.get_rank(group=ep_group),

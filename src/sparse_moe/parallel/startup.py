@@ -28,6 +28,8 @@ from pathlib import Path
 import deepspeed
 import torch.distributed as dist
 
+from sparse_moe.parallel import deepspeed_internals as ds_internals
+
 SHM_BUILDER = "ShareMemCommBuilder"
 
 
@@ -35,7 +37,7 @@ def _shm_builder():
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder(SHM_BUILDER)
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None or not ds_internals.op_compatible(builder.NAME):
         return None
     return builder
 
@@ -52,9 +54,7 @@ def load_deepspeed_comm_ops() -> None:
     builder = _shm_builder()
     if builder is None:
         return
-    from torch.utils.cpp_extension import _get_build_directory
-
-    build_dir = Path(_get_build_directory(builder.name, False))
+    build_dir = ds_internals.extension_build_directory(builder.name)
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f".{builder.name}.sparse_moe.flock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)

@@ -81,10 +81,10 @@ def run_command(args: argparse.Namespace) -> int:
         from sparse_moe.train.config import load_train_config
 
         config = load_train_config(args.config, overrides)
-        check_inputs(config, str(args.config or "command line"))
+        startup = check_inputs(config, str(args.config or "command line"))
         from sparse_moe.train.trainer import EXIT_PREEMPTED, Trainer
 
-        if Trainer(config).run().get("preempted"):
+        if Trainer(config, startup).run().get("preempted"):
             return EXIT_PREEMPTED
     except ConfigError as err:
         print(f"sparse-moe-train: configuration error: {err}", file=sys.stderr)
@@ -114,11 +114,16 @@ def print_config(path: str | None, overrides: list[str]) -> int:
     return 0
 
 
-def check_inputs(config, source: str) -> None:
-    """Corpus, tokenizer, model, DeepSpeed config and checkpoint, before anything is written."""
-    from sparse_moe.train.preflight import check_run, world_size_from_environment
+def check_inputs(config, source: str):
+    """Corpus, tokenizer, model, DeepSpeed config and checkpoint, before anything is written;
+    returns what the checks built (``preflight.StartUp``) for the trainer."""
+    from sparse_moe.train.preflight import (
+        check_run,
+        rank_from_environment,
+        world_size_from_environment,
+    )
 
-    check_run(config, source, world_size_from_environment())
+    return check_run(config, source, world_size_from_environment(), rank_from_environment())
 
 
 def input_errors() -> tuple[type[Exception], ...]:

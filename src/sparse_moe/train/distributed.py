@@ -245,3 +245,11 @@ def describe_collective_failure(err: BaseException, phase: str, timeout_minutes:
             f"Collectives time out after {timeout_minutes:g} min "
             f"(run.collective_timeout_minutes). Stopping this rank; restart the job with "
             f"run.resume=true to continue from the last checkpoint.")
+
+
+def report_cpu_binding(rank: int, world: int) -> None:
+    """Rank 0 prints every rank's CPUs and threads on one line (``describe_cpu_binding``)."""
+    bindings: list[Any] = [None] * world
+    dist.all_gather_object(bindings, cpu_binding())
+    if rank == 0:
+        print(describe_cpu_binding(bindings), flush=True)

@@ -20,6 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from sparse_moe.optim import build_optimizer, build_scheduler
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 from sparse_moe.parallel import (
     factor_flat_partitions,
     moe_param_groups,
@@ -46,13 +47,14 @@ class RunEngine:
 
 
 def build_engine(model: torch.nn.Module, config: TrainConfig, world: int, run_dir: Path,
-                 training: bool = True) -> RunEngine:
-    """``deepspeed.initialize`` for a model built by ``parallelize``."""
+                 training: bool = True, ds_config: dict[str, Any] | None = None) -> RunEngine:
+    """``deepspeed.initialize`` for a model built by ``parallelize`` (``ds_config``: the run's,
+    when the start-up checks built it already)."""
     if not training:
         engine, *_ = deepspeed.initialize(model=model, config=dict(INFERENCE_DS_CONFIG))
         return RunEngine(engine, dict(INFERENCE_DS_CONFIG))
-    device_type = next(model.parameters()).device.type
-    ds_config = build_ds_config(config, world, run_dir, device_type)
+    if ds_config is None:
+        ds_config = build_ds_config(config, world, run_dir, next(model.parameters()).device.type)
     optimizer = build_optimizer(moe_param_groups(model), config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule)
     guard = NonFiniteGuard(optimizer)  # after the scheduler, which wraps optimizer.step too
@@ -79,10 +81,7 @@ def undo_zero_gradient_step(engine: Any, client_optimizer: Optimizer) -> bool:
     would run one step ahead: the first update would be ``sqrt(1 + beta2)`` times too large
     (about 1.41x). Returns whether counters were reset.
     """
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if not isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+    if not ds_internals.is_fp16_optimizer_without_zero(engine.optimizer):
         return False
     for state in client_optimizer.state.values():
         if "step" in state:

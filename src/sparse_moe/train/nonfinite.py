@@ -17,7 +17,10 @@ guard's check covers the gradients and the loss of every micro-batch of the step
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -80,3 +83,37 @@ class NonFiniteGuard:
         if self.optimizer.overflow:  # type: ignore[attr-defined]
             return None
         return self._inner_step(*args, **kwargs)
+
+
+class NonFiniteStreak:
+    """Counts steps in a row with a non-finite loss or a skipped update; stops at the limit.
+
+    The loss is averaged over ranks, so a NaN on any rank is a NaN on all: every rank counts
+    the same. Under fp16 a skipped update is the loss scaler's overflow, which is routine and
+    handled by DeepSpeed, so only a non-finite loss counts there.
+    """
+
+    def __init__(self, limit: int, fp16: bool, rank: int) -> None:
+        self.limit, self.fp16, self.rank = limit, fp16, rank
+        self.count = 0
+
+    def add(self, step: int, loss: float, skipped: bool,
+            latest_checkpoint: Callable[[], Path | None]) -> None:
+        from sparse_moe.train.errors import NonFiniteLimitError
+
+        bad = not math.isfinite(loss) or (skipped and not self.fp16)
+        self.count = self.count + 1 if bad else 0
+        if bad and self.rank == 0:
+            print(f"step {step}: non-finite loss or gradient (loss {loss}); the "
+                  f"update was {'skipped' if skipped else 'applied'} "
+                  f"({self.count} in a row, limit {self.limit})", file=sys.stderr, flush=True)
+        if self.count >= self.limit:
+            first = step - self.count + 1
+            latest = latest_checkpoint()
+            kept = (f"the last checkpoint, {latest}, was saved before them"
+                    if latest else "no checkpoint was saved")
+            raise NonFiniteLimitError(
+                f"steps {first} to {step}: {self.count} steps in a row had a "
+                f"non-finite loss or gradient (run.max_nonfinite_steps={self.limit}); each was "
+                f"skipped, so the parameters are those after step {first - 1}, and {kept}. Lower "
+                "the learning rate or check the data, then resume with run.resume=true")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sparse_moe.parallel import ExpertParallelConfig, routing_metrics
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 from sparse_moe.train.distributed import all_reduce_host
 
 
@@ -56,7 +57,7 @@ class StepMetrics:
         metrics = self._average_over_ranks({k: v / self._micro_steps
                                             for k, v in self._sums.items()})
         metrics["lr"] = engine.get_lr()[0]
-        metrics["skipped_steps"] = float(engine.skipped_steps)
+        metrics["skipped_steps"] = float(ds_internals.skipped_steps(engine))
         counts = self._counts or []
         for i, layer in enumerate(counts):
             metrics.update(expert_load_metrics(layer, prefix=f"moe{i}"))

@@ -36,6 +36,7 @@ from torch import nn
 
 from sparse_moe.config_io import ConfigError
 from sparse_moe.optim.partitions import FACTORED_KEY
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 from sparse_moe.train.checkpoint.files import (
     expert_parallel_optimizer_file,
     load_model_states,
@@ -196,11 +197,9 @@ def zero_full_state(tag_dir: Path, saved: SavedLayout, model_config: Any, parall
     pieces: dict[tuple[int, str], list[tuple[int, dict[str, torch.Tensor]]]] = {}
     factored: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for rank in range(saved.world):
-        sd = torch.load(zero_optimizer_file(tag_dir, rank, saved.bf16), map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"]
-        masters = sd.get("single_partition_of_fp32_groups") or sd.get("fp32_groups_flat_partition")
-        base = sd["base_optimizer_state"]["state"]
-        for group, mapping in enumerate(sd["param_slice_mappings"]):
+        masters, base, slices = ds_internals.read_zero_partition_file(
+            zero_optimizer_file(tag_dir, rank, saved.bf16))
+        for group, mapping in enumerate(slices):
             moments = base[group].get(FACTORED_KEY)  # FactoredAdam's partitions (partitions.py)
             for name, fragment in mapping.items():
                 # a dense parameter is split over every rank; an expert block over the ranks
@@ -267,7 +266,7 @@ def load_wrapped_optimizer(engine: Any, model: nn.Module, full: FULL_STATE,
     into its partitions (``deepspeed.utils.safe_set_full_*``)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    client = engine.optimizer.optimizer
+    client = ds_internals.wrapped_optimizer(engine.optimizer)
     ensure_optimizer_state(client)
     link_optimizer_state(engine)
     factored = bool(getattr(client, "partition_layouts", None))
@@ -283,7 +282,7 @@ def load_wrapped_optimizer(engine: Any, model: nn.Module, full: FULL_STATE,
             client.load_full_moments(name, moments)
         for key, value in tensors.items():
             safe_set_full_optimizer_state(param, value.to(param.device), key)
-    for state in engine.optimizer.optimizer.state.values():
+    for state in client.state.values():
         if "step" in state:
             state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
 
@@ -309,15 +308,13 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def link_optimizer_state(engine: Any) -> None:
     """Ties each parameter's fragment to the wrapper's optimizer state, which DeepSpeed does
     only at the first step: the ``safe_*_full_optimizer_state`` API needs it before that."""
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
+    ds_internals.link_fragments_to_optimizer_state(engine.optimizer)
 
 
 def resize_schedule(state: dict[str, Any], groups: int) -> dict[str, Any]:
     """A ``LambdaLR`` state for another number of parameter groups (all share one schedule)."""
     out = dict(state)
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+    for key in ds_internals.LAMBDA_LR_PER_GROUP_KEYS:
         values = state.get(key)
         if isinstance(values, list) and values:
             if any(v != values[0] for v in values):

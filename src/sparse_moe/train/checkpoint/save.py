@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from sparse_moe.atomic import atomic_write, fsync_directory
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 from sparse_moe.train.checkpoint.files import LATEST, checkpoint_tag, read_latest, tag_step
 from sparse_moe.train.errors import CheckpointWriteError
 from sparse_moe.train.fault_injection import FaultHooks
@@ -48,9 +49,8 @@ class RecordingWriter:
     rank reaches the agreement step and fails together with the same message.
     """
 
-    def __init__(self, checkpoint_engine: Any, faults: FaultHooks) -> None:
-        self._save: Callable[[Any, str], None] = checkpoint_engine.save
-        checkpoint_engine.save = self.save
+    def __init__(self, engine: Any, faults: FaultHooks) -> None:
+        ds_internals.intercept_checkpoint_writes(engine, self._write)
         self.faults = faults
         self.written: list[Path] = []
         self.error: str | None = None
@@ -59,14 +59,14 @@ class RecordingWriter:
         self.written, self.error = [], None
         self.faults.begin_save()
 
-    def save(self, state_dict: Any, path: str) -> None:
+    def _write(self, save: Callable[[Any, str], None], state_dict: Any, path: str) -> None:
         if self.error is not None:
             return
         try:
             # DeepSpeed logs and ignores a failed makedirs; this raises the real reason instead.
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.faults.before_write(path)
-            self._save(state_dict, path)
+            save(state_dict, path)
             self.written.append(Path(path))
             self.faults.after_write(path)
         except (OSError, RuntimeError) as err:  # torch's zip writer reports ENOSPC as RuntimeError

@@ -32,7 +32,7 @@ from sparse_moe.train.ds_config import build_ds_config
 
 def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
                      model: LMConfig | TranslationConfig, resume: bool,
-                     world_size: int = 1) -> str | None:
+                     world_size: int = 1, ds_config: dict[str, Any] | None = None) -> str | None:
     """The tag that will be loaded, after checking its files fit the model; None: none saved.
 
     ``resume`` also checks what resuming needs beyond the weights: the optimizer state of
@@ -56,7 +56,7 @@ def check_checkpoint(directory: Path, tag: str | None, config: TrainConfig,
     _check_same_model(model_states_file(directory / tag), saved, config, model)
     _check_expert_files(directory, tag, saved)
     if resume:
-        _check_optimizer_files(directory / tag, saved, config, world_size)
+        _check_optimizer_files(directory / tag, saved, config, world_size, ds_config)
     return tag
 
 
@@ -126,11 +126,14 @@ def _check_expert_files(directory: Path, tag: str, saved: dict[str, Any]) -> Non
 
 
 def _check_optimizer_files(folder: Path, saved: dict[str, Any], config: TrainConfig,
-                           world_size: int) -> None:
-    """The optimizer state files the saved layout wrote, and a layout it can resume on."""
+                           world_size: int, ds_config: dict[str, Any] | None) -> None:
+    """The optimizer state files the saved layout wrote, and a layout it can resume on
+    (``ds_config``: the run's DeepSpeed config, when already built)."""
     layout = saved_layout(saved)
+    if ds_config is None:
+        ds_config = build_ds_config(config, world_size, Path(config.run.dir))
     try:
-        check_resume(layout, build_ds_config(config, world_size, Path(config.run.dir)),
+        check_resume(layout, ds_config,
                      world_size, config.parallel.ep_size, config.run.allow_global_batch_change,
                      folder)
     except ConfigError as error:

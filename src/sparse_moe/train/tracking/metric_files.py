@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_moe.atomic import atomic_write
+from sparse_moe.parallel import deepspeed_internals as ds_internals
 
 # What the tracker logged, one JSON record a line: the dashboards' history, replayed into the
 # W&B run of a resumed job (tracker.py).
@@ -26,11 +27,11 @@ JOURNAL = "tracking/history.jsonl"
 def continue_metrics(run_dir: Path, monitor: Any, step: int) -> None:
     """Prepares ``run_dir``'s metric files for a run that continues after ``step`` (0: anew)."""
     metrics = run_dir / "metrics"
-    csv_monitor = getattr(monitor, "csv_monitor", None)
+    headers = ds_internals.csv_monitor_files(monitor)
     for path in sorted(metrics.glob("*.csv")) if metrics.is_dir() else []:
         keep_rows_up_to(path, step)
-        if csv_monitor is not None and path.stem not in csv_monitor.filenames:
-            csv_monitor.filenames.append(path.stem)  # its header is there already
+        if headers is not None and path.stem not in headers:
+            headers.append(path.stem)  # its header is there already
     expert_load = run_dir / "expert_load.jsonl"
     if expert_load.is_file():
         keep_records_up_to(expert_load, step)
