@@ -60,24 +60,32 @@ def test_latest_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # no temporary file left
 
 
-class _Engine:
+class _CheckpointEngine:
     """DeepSpeed's checkpoint-engine interface: save(state_dict, path)."""
 
     def save(self, state_dict, path):
         torch.save(state_dict, path)
 
 
+class _Engine:
+    """What the writer wraps: the engine's ``checkpoint_engine``."""
+
+    def __init__(self):
+        self.checkpoint_engine = _CheckpointEngine()
+
+
 def test_writer_records_files_and_turns_a_full_disk_into_a_report(tmp_path):
     engine = _Engine()
     writer = RecordingWriter(engine, FaultInjection(enospc_save=2))
+    save = engine.checkpoint_engine.save  # what DeepSpeed calls for each file
     writer.begin()
-    engine.save({"a": torch.ones(2)}, str(tmp_path / "one" / "a.pt"))  # directory created
+    save({"a": torch.ones(2)}, str(tmp_path / "one" / "a.pt"))  # directory created
     writer.flush()
     assert writer.error is None and writer.written == [tmp_path / "one" / "a.pt"]
     assert torch.equal(torch.load(tmp_path / "one" / "a.pt")["a"], torch.ones(2))
     writer.begin()  # the second save: ENOSPC on its first file, nothing after it is written
-    engine.save({"b": torch.ones(2)}, str(tmp_path / "two" / "b.pt"))
-    engine.save({"c": torch.ones(2)}, str(tmp_path / "two" / "c.pt"))
+    save({"b": torch.ones(2)}, str(tmp_path / "two" / "b.pt"))
+    save({"c": torch.ones(2)}, str(tmp_path / "two" / "c.pt"))
     assert writer.error.startswith(f"writing {tmp_path / 'two' / 'b.pt'}: [Errno {errno.ENOSPC}]")
     assert (tmp_path / "two" / "b.pt").stat().st_size == 4096  # half written, as a full disk
     assert not (tmp_path / "two" / "c.pt").exists()
