@@ -68,6 +68,21 @@ def main(out: Path) -> None:
         "state_keys": sorted(k for k in saved.states[0] if torch.is_tensor(saved.states[0][k])),
         "slice_names": sorted(n for group in saved.slices for n in group)
         == sorted(n for n, _ in model.named_parameters())}
+    # A model without MoE layers is saved by another path of the engine (save by keyword).
+    dense = parallelize(lm_preset("debug-4xlstm", vocab_size=40), ExpertParallelConfig(), groups,
+                        seed=0, device="cpu")
+    dense_engine = build_engine(dense, config, 1, out).engine
+    dense_written: list[str] = []
+
+    def record_dense(save, state, path):
+        dense_written.append(Path(path).name)
+        save(state, path)
+
+    dsi.intercept_checkpoint_writes(dense_engine, record_dense)
+    dense_engine.save_checkpoint(str(out / "dense"), tag="t", save_latest=False)
+    found["checkpoint"]["dense_written"] = sorted(dense_written)
+    found["checkpoint"]["dense_on_disk"] = sorted(p.name for p in (out / "dense" / "t").iterdir())
+    del dense_engine, dense
     before = dsi.skipped_steps(engine)
     dsi.set_step_counters(engine, 7, 70, 3)
     engine.backward(engine(tokens[:, :-1], targets=tokens[:, 1:]).token_nll.mean())

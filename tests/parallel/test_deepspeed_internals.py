@@ -51,6 +51,8 @@ def test_zero_checkpoint_files_hold_the_partitions_by_parameter(found):
     saved = found["checkpoint"]
     assert saved["written"] == saved["on_disk"], (
         "checkpoint_engine.save no longer writes every file of save_checkpoint", saved)
+    assert saved["dense_written"] == saved["dense_on_disk"] and saved["dense_written"], (
+        "checkpoint_engine.save: a model without MoE layers is saved another way", saved)
     assert saved["masters_numel"] == saved["slices_numel"] == found["zero"]["model_numel"], (
         "optimizer_state_dict: single_partition_of_fp32_groups / param_slice_mappings", saved)
     assert saved["slice_names"], "param_slice_mappings is no longer keyed by parameter name"

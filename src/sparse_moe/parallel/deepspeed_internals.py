@@ -157,12 +157,14 @@ def intercept_checkpoint_writes(engine: Any,
                                 save: Callable[[Callable[[Any, str], None], Any, str], None]
                                 ) -> None:
     """Every file ``engine.save_checkpoint`` writes goes through ``save(original, state,
-    path)``: the engine writes each through ``engine.checkpoint_engine.save(state, path)``."""
+    path)``: the engine writes each through ``engine.checkpoint_engine.save``, by position
+    for some files and by keyword (``state_dict=``, ``path=``) for others, so the wrapper
+    keeps ``CheckpointEngine.save``'s parameter names."""
     checkpoint_engine = engine.checkpoint_engine
     original = checkpoint_engine.save
 
-    def wrapped(state: Any, path: str) -> None:
-        save(original, state, path)
+    def wrapped(state_dict: Any, path: str) -> None:
+        save(original, state_dict, path)
 
     checkpoint_engine.save = wrapped
 
