@@ -61,6 +61,8 @@ data:
   seq_len: 32
 model:
   preset: debug-moe
+tracking:
+  wandb: false
 """
 
 

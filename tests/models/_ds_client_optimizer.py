@@ -19,6 +19,11 @@ def main(stage: int) -> None:
 
     from sparse_moe.models import MoELSTMLanguageModel, compose_loss, lm_preset
     from sparse_moe.optim import FactoredAdam, ScheduleConfig, build_scheduler
+    from sparse_moe.parallel.startup import use_environment_extension_dir
+
+    # DeepSpeed's CPU op: the environment's build, as every start in the project uses (torch's
+    # shared default would be rebuilt for each environment that loads it).
+    use_environment_extension_dir()
 
     torch.manual_seed(0)
     model = MoELSTMLanguageModel(lm_preset("debug-moe", vocab_size=50))

@@ -3,6 +3,7 @@ function of ``parallel/deepspeed_internals.py`` on a real engine with ZeRO-1 and
 each found, as JSON, for the test to check one by one."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,9 +100,10 @@ def main(out: Path) -> None:
     found["lambda_lr"] = {key: isinstance(state.get(key), list)
                           and len(state[key]) == len(run.optimizer.param_groups)
                           for key in dsi.LAMBDA_LR_PER_GROUP_KEYS}
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(out / "extensions")  # made by the lookup
     build = dsi.extension_build_directory("probe_op")
     found["ops"] = {"compatible_is_bool": isinstance(dsi.op_compatible("no_such_op"), bool),
-                    "build_dir_name": build.name}
+                    "build_dir": str(build.relative_to(out))}
     print("FOUND " + json.dumps(found))
     del engine, run, wrapper, model
     shut_down_distributed()

@@ -73,5 +73,5 @@ def test_engine_counters_csv_headers_and_lambda_lr_state(found):
 
 
 def test_jit_op_lookups(found):
-    assert found["ops"] == {"compatible_is_bool": True, "build_dir_name": "probe_op"}, (
+    assert found["ops"] == {"compatible_is_bool": True, "build_dir": "extensions/probe_op"}, (
         "deepspeed.ops.__compatible_ops__ / cpp_extension._get_build_directory", found["ops"])

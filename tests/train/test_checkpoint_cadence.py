@@ -9,10 +9,10 @@ from tests.train.conftest import read_metric, run_training
 
 @pytest.mark.timeout(300)
 def test_time_based_cadence_saves_when_the_minutes_have_passed(wt_corpus, tmp_path):
-    """Two processes; a cadence shorter than a step saves after every step, a step-based
-    cadence still adds its own, and the final checkpoint is not written twice."""
+    """Two processes; a cadence shorter than a step saves after every step, and the final
+    checkpoint is not written twice."""
     run_dir = tmp_path / "run"
-    steps = 6
+    steps = 3
     proc = run_training([f"data.corpus={wt_corpus['corpus']}",
                          f"data.tokenizer={wt_corpus['tokenizer']}", f"run.dir={run_dir}",
                          f"run.steps={steps}", "run.log_every=1", "run.eval_batches=1",
