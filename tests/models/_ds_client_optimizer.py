@@ -19,11 +19,11 @@ def main(stage: int) -> None:
 
     from sparse_moe.models import MoELSTMLanguageModel, compose_loss, lm_preset
     from sparse_moe.optim import FactoredAdam, ScheduleConfig, build_scheduler
-    from sparse_moe.parallel.startup import use_environment_extension_dir
+    from sparse_moe.parallel.startup import load_deepspeed_comm_ops
 
-    # DeepSpeed's CPU op: the environment's build, as every start in the project uses (torch's
-    # shared default would be rebuilt for each environment that loads it).
-    use_environment_extension_dir()
+    # DeepSpeed's CPU op: the environment's build, as every start in the project loads it
+    # (torch's shared default would be rebuilt for each environment that loads it).
+    load_deepspeed_comm_ops()
 
     torch.manual_seed(0)
     model = MoELSTMLanguageModel(lm_preset("debug-moe", vocab_size=50))

@@ -61,3 +61,19 @@ def test_ops_build_inside_the_virtual_environment(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
     use_environment_extension_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"  # an explicit choice wins
+
+
+def test_the_environments_ninja_builds_every_op(monkeypatch, tmp_path):
+    """Two ninja versions on one machine rebuild each other's builds: the environment's wins."""
+    from sparse_moe.parallel import startup
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    monkeypatch.setattr(startup.sys, "prefix", str(env))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    startup.use_environment_ninja()
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # no ninja in the environment: left alone
+    (env / "bin" / "ninja").write_text("")
+    startup.use_environment_ninja()
+    startup.use_environment_ninja()
+    assert os.environ["PATH"] == f"{env / 'bin'}:/usr/bin:/bin"  # first, once

@@ -33,9 +33,8 @@ def private_torch_extensions(tmp_path_factory):
 
     The default cache is shared by every process on the machine, and a process killed while it
     holds the cache's lock leaves other processes waiting forever. The jobs and the direct runs
-    here use a private copy of the environment's cache. The srun job (one CPU a task) has been
-    seen to rebuild the op in it (about 45 s, once a module; why, not tracked down yet); the
-    environment's own build, which the tests after these use, is left as it was.
+    here use a private copy of the environment's cache (built ops included, so nothing is
+    rebuilt: every start builds with the environment's ninja, ``parallel/startup.py``).
     """
     saved = os.environ.get("TORCH_EXTENSIONS_DIR")
     use_environment_extension_dir()  # the build every start outside these tests uses

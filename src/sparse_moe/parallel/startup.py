@@ -48,9 +48,25 @@ def use_environment_extension_dir() -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
+def use_environment_ninja() -> None:
+    """Puts the environment's ``ninja`` (installed with the requirements) first on ``PATH``.
+
+    torch builds JIT ops with the first ``ninja`` on ``PATH``. Where the system has another
+    version (1.11 beside pip's 1.13, say), the two write build logs the other does not read,
+    and each rebuilds the op the other built (about 45 s): a job started with the environment
+    activated (the Slurm templates) and one started without it (``.venv/bin/python``) rebuilt
+    it for each other at every start. Every start here uses the environment's.
+    """
+    bin_dir = Path(sys.prefix) / "bin"
+    path = os.environ.get("PATH", "")
+    if (bin_dir / "ninja").exists() and path.split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+
+
 def load_deepspeed_comm_ops() -> None:
     """Loads DeepSpeed's CPU comm op under an fcntl lock, clearing a stale torch baton."""
     use_environment_extension_dir()
+    use_environment_ninja()
     builder = _shm_builder()
     if builder is None:
         return
