@@ -10,6 +10,19 @@ from pathlib import Path
 import torch
 
 
+def save_recording_writes(dsi, engine, directory: Path) -> tuple[list[str], list[str]]:
+    """(the files the intercepted checkpoint engine was asked to write, the files on disk)."""
+    written: list[str] = []
+
+    def record(save, state, path):
+        written.append(Path(path).name)
+        save(state, path)
+
+    dsi.intercept_checkpoint_writes(engine, record)
+    engine.save_checkpoint(str(directory), tag="t", save_latest=False)
+    return written, sorted(p.name for p in (directory / "t").iterdir())
+
+
 def main(out: Path) -> None:
     from sparse_moe.models import lm_preset
     from sparse_moe.parallel import ExpertParallelConfig, parallelize
@@ -51,15 +64,7 @@ def main(out: Path) -> None:
     loss = engine(tokens[:, :-1], targets=tokens[:, 1:]).token_nll.mean()
     engine.backward(loss)
     engine.step()
-    written: list[str] = []
-
-    def record(save, state, path):
-        written.append(Path(path).name)
-        save(state, path)
-
-    dsi.intercept_checkpoint_writes(engine, record)
-    engine.save_checkpoint(str(out / "ckpt"), tag="t", save_latest=False)
-    on_disk = sorted(p.name for p in (out / "ckpt" / "t").iterdir())
+    written, on_disk = save_recording_writes(dsi, engine, out / "ckpt")
     zero_file = next(p for p in (out / "ckpt" / "t").iterdir() if "zero_pp_rank_0" in p.name)
     saved = dsi.read_zero_partition_file(zero_file)
     found["checkpoint"] = {
@@ -73,16 +78,9 @@ def main(out: Path) -> None:
     dense = parallelize(lm_preset("debug-4xlstm", vocab_size=40), ExpertParallelConfig(), groups,
                         seed=0, device="cpu")
     dense_engine = build_engine(dense, config, 1, out).engine
-    dense_written: list[str] = []
-
-    def record_dense(save, state, path):
-        dense_written.append(Path(path).name)
-        save(state, path)
-
-    dsi.intercept_checkpoint_writes(dense_engine, record_dense)
-    dense_engine.save_checkpoint(str(out / "dense"), tag="t", save_latest=False)
+    dense_written, dense_on_disk = save_recording_writes(dsi, dense_engine, out / "dense")
     found["checkpoint"]["dense_written"] = sorted(dense_written)
-    found["checkpoint"]["dense_on_disk"] = sorted(p.name for p in (out / "dense" / "t").iterdir())
+    found["checkpoint"]["dense_on_disk"] = dense_on_disk
     del dense_engine, dense
     before = dsi.skipped_steps(engine)
     dsi.set_step_counters(engine, 7, 70, 3)

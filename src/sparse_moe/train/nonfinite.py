@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from sparse_moe.train.errors import NonFiniteLimitError
+
 
 class NonFiniteGuard:
     """Installs the ``overflow`` protocol on a client optimizer (a no-op once disabled).
@@ -99,8 +101,6 @@ class NonFiniteStreak:
 
     def add(self, step: int, loss: float, skipped: bool,
             latest_checkpoint: Callable[[], Path | None]) -> None:
-        from sparse_moe.train.errors import NonFiniteLimitError
-
         bad = not math.isfinite(loss) or (skipped and not self.fp16)
         self.count = self.count + 1 if bad else 0
         if bad and self.rank == 0:
